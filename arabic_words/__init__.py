@@ -1,0 +1,1 @@
+"""Command-line entry point `arabic-words`: run the service, transcribe or evaluate files, backfill folders."""

@@ -1,0 +1,3 @@
+from arabic_words.cli import main
+
+raise SystemExit(main())

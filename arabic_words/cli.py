@@ -1,0 +1,249 @@
+"""`arabic-words`: run | transcribe | evaluate | backfill."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from shared.config import REPO_ROOT, Settings
+
+AUDIO_SUFFIXES = {".webm", ".weba", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".wav", ".flac"}
+log = logging.getLogger("arabic_words")
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _service_commands(settings: Settings, redis_url: str) -> dict[str, list[str]]:
+    bin_dir = Path(sys.executable).parent
+    flower_addr = "0.0.0.0" if settings.FLOWER_BASIC_AUTH else "127.0.0.1"  # no auth: never off this machine
+    flower = [str(bin_dir / "celery"), "--broker", redis_url, "flower", f"--port={settings.FLOWER_PORT}",
+              f"--address={flower_addr}", "--purge_offline_workers=60"]  # fmt: skip
+    if settings.FLOWER_BASIC_AUTH:
+        flower.append(f"--basic-auth={settings.FLOWER_BASIC_AUTH}")
+    return {
+        "web": [str(bin_dir / "gunicorn"), "--bind", f"127.0.0.1:{settings.PORT}", "--worker-class", "gthread",
+                "--workers", "2", "--threads", "16", "--timeout", "60", "web:create_app()"],  # fmt: skip
+        "worker": [str(bin_dir / "celery"), "-A", "worker.celery_app", "worker", "--loglevel", settings.LOG_LEVEL,
+                   "-Q", settings.QUEUE, "-n", "worker@%h"],  # fmt: skip
+        "flower": flower,
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start Redis (unless REDIS_URL is set), the web server, one worker and Flower; Ctrl-C stops them all."""
+    from shared.redis_server import free_port, start_redis
+
+    settings = Settings()
+    env = dict(os.environ)
+    procs: dict[str, subprocess.Popen] = {}
+    redis_url = settings.REDIS_URL
+    if not redis_url:
+        port = int(os.environ.get("REDIS_PORT", "0")) or free_port()
+        procs["redis"] = start_redis(port, REPO_ROOT / ".run" / "redis")
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        env["REDIS_URL"] = redis_url
+        print(f"embedded redis-server on {redis_url} (data in .run/redis)", flush=True)
+    for name, command in _service_commands(settings, redis_url).items():
+        procs[name] = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    ready_url = f"http://127.0.0.1:{settings.PORT}/readyz"
+    announced, exit_code = False, 0
+    while not stopping:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                print(f"{name} exited with {proc.returncode}; stopping everything", file=sys.stderr, flush=True)
+                stopping, exit_code = True, 1
+        if not announced and not stopping:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
+                    announced = response.status == 200
+            except (urllib.error.URLError, OSError):
+                pass
+            if announced:
+                print(
+                    f"arabic-words is ready: http://127.0.0.1:{settings.PORT}/  "
+                    f"(API /v1/transcriptions, Flower http://127.0.0.1:{settings.FLOWER_PORT}/)",
+                    flush=True,
+                )
+        time.sleep(0.5)
+    for name in ("flower", "web", "worker", "redis"):  # redis last: the others flush to it on the way out
+        proc = procs.get(name)
+        if proc and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return exit_code
+
+
+# ---------------------------------------------------------------------------------------------- transcribe
+def _load(settings: Settings):
+    from worker.asr import load_model, select_device
+
+    return load_model(settings.ASR_MODEL, device=select_device(0), threads=settings.TORCH_THREADS)
+
+
+def _transcribe_file(model, path: Path, settings: Settings, expected: str | None = None) -> dict:
+    from worker.audio import InvalidAudio
+    from worker.pipeline import transcribe_bytes
+
+    try:
+        result = transcribe_bytes(model, path.read_bytes(), max_audio_s=settings.MAX_AUDIO_S, expected=expected)
+    except InvalidAudio as exc:
+        code = "audio_too_long" if exc.reason == "audio_too_long" else "invalid_audio"
+        return {"file": str(path), "status": "failed",
+                "error": {"code": code, "message": exc.message, "reason": exc.reason}}  # fmt: skip
+    except OSError as exc:
+        return {"file": str(path), "status": "failed", "error": {"code": "unreadable", "message": str(exc)}}
+    return {"file": str(path), "status": "succeeded", "result": result.to_dict()}
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    """One JSON line per file, the API's result schema, no queue."""
+    settings = Settings.from_env(**({"ASR_MODEL": args.model} if args.model else {}))
+    model = _load(settings)
+    failed = 0
+    for name in args.files:
+        out = _transcribe_file(model, Path(name), settings, expected=args.expected)
+        failed += out["status"] != "succeeded"
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def read_manifest(directory: Path) -> list[tuple[Path, str]]:
+    """``transcripts.tsv`` in ``directory``: one ``file<TAB>expected text`` line per clip."""
+    rows = []
+    for line in (directory / "transcripts.tsv").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, text = line.split("\t", 1)
+            rows.append((directory / name, text.strip()))
+    return rows
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from arabic_words.metrics import auroc, corpus_scores, word_correctness
+
+    settings = Settings.from_env(**({"ASR_MODEL": args.model} if args.model else {}))
+    model = _load(settings)
+    rows = read_manifest(Path(args.directory))
+    pairs, scores, labels, decode_ms, infer_ms, by_format = [], [], [], [], [], {}
+    for path, expected in rows:
+        out = _transcribe_file(model, path, settings)
+        hypothesis = out["result"]["text"] if out["status"] == "succeeded" else ""
+        pairs.append((expected, hypothesis))
+        by_format.setdefault(path.suffix.lstrip("."), []).append((expected, hypothesis))
+        if out["status"] == "succeeded":
+            result = out["result"]
+            decode_ms.append(result["timings_ms"]["decode"])
+            infer_ms.append(result["timings_ms"]["inference"])
+            for word, correct in zip(result["words"], word_correctness(expected, hypothesis)):
+                scores.append(word["confidence"])
+                labels.append(correct)
+        if args.verbose:
+            print(json.dumps({"file": path.name, "expected": expected, "got": hypothesis}, ensure_ascii=False))
+    report = {
+        "model": settings.ASR_MODEL,
+        "clips": len(rows),
+        **{k: round(v, 4) for k, v in corpus_scores(pairs).items()},
+        "confidence_auroc": (lambda a: round(a, 4) if a is not None else None)(auroc(scores, labels)),
+        "median_decode_ms": round(statistics.median(decode_ms), 2) if decode_ms else None,
+        "median_inference_ms": round(statistics.median(infer_ms), 2) if infer_ms else None,
+        "by_format": {fmt: {k: round(v, 4) for k, v in corpus_scores(p).items()} for fmt, p in sorted(by_format.items())},
+    }
+    print(json.dumps(report, ensure_ascii=False, indent=1))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ backfill
+def _post_and_wait(url: str, path: Path, timeout_s: float) -> dict:
+    content_type = "audio/" + ({"m4a": "mp4", "weba": "webm", "oga": "ogg"}.get(path.suffix[1:], path.suffix[1:]))
+    request = urllib.request.Request(
+        f"{url}/v1/transcriptions", data=path.read_bytes(), headers={"Content-Type": content_type}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            job = json.load(response)
+    except urllib.error.HTTPError as exc:
+        return {"file": str(path), "status": "rejected", "error": json.load(exc).get("error")}
+    deadline = time.monotonic() + timeout_s
+    while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{url}{job['url']}?wait=20", timeout=30) as response:
+            job = json.load(response)
+    return {"file": str(path), **job}
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Send every recording under a folder to a running service; one JSON line per file; resumable."""
+    from tqdm import tqdm
+
+    files = sorted(p for p in Path(args.directory).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    out_path = Path(args.out)
+    done = set()
+    if out_path.exists():
+        for line in out_path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record.get("status") == "succeeded":
+                done.add(record["file"])
+    todo = [p for p in files if str(p) not in done]
+    failed = 0
+    with out_path.open("a", encoding="utf-8") as out, ThreadPoolExecutor(args.concurrency) as pool:
+        progress = tqdm(total=len(todo), unit="file", desc="backfill", initial=0)
+        for record in pool.map(lambda p: _post_and_wait(args.url.rstrip("/"), p, args.timeout), todo):
+            failed += record.get("status") != "succeeded"
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            progress.update(1)
+            progress.set_postfix(failed=failed)
+        progress.close()
+    print(f"{len(todo) - failed} succeeded, {failed} failed, {len(done)} already done -> {out_path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="arabic-words", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start redis (embedded), web, worker and flower").set_defaults(func=cmd_run)
+
+    p = sub.add_parser("transcribe", help="transcribe files without the queue; one JSON line per file")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--model", help="checkpoint dir or hub id (default: ASR_MODEL)")
+    p.add_argument("--expected", help="the text the speaker was asked to say")
+    p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("evaluate", help="CER, word accuracy and confidence AUROC on a folder with transcripts.tsv")
+    p.add_argument("directory")
+    p.add_argument("--model")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("backfill", help="send a folder of recordings to a running service, with a progress bar")
+    p.add_argument("directory")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--out", default="backfill.jsonl", help="JSON lines, appended; files already done are skipped")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one job")
+    p.set_defaults(func=cmd_backfill)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
+    return args.func(args)

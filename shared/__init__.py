@@ -1,0 +1,1 @@
+"""Code shared by the web app and the worker: config, Redis keys, result schema, Arabic text."""

@@ -1,0 +1,59 @@
+"""The one configuration object. Every setting is an environment variable with a default (see README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL_DIR = REPO_ROOT / "models" / "arabic-words-small"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Redis: broker, job records and uploads. Empty = `arabic-words run` starts its own embedded server.
+    REDIS_URL: str = field(default_factory=lambda: _env("REDIS_URL", ""))
+    # Seconds an upload's bytes stay in Redis waiting for a worker.
+    UPLOAD_TTL_S: int = field(default_factory=lambda: int(_env("UPLOAD_TTL_S", "3600")))
+    # Seconds a job record (status and result) is kept after it was created.
+    RESULT_TTL_S: int = field(default_factory=lambda: int(_env("RESULT_TTL_S", "86400")))
+    MAX_UPLOAD_BYTES: int = field(default_factory=lambda: int(_env("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))))
+    MAX_AUDIO_S: float = field(default_factory=lambda: float(_env("MAX_AUDIO_S", "30")))
+    # Longest `?wait=` a client may ask for.
+    MAX_WAIT_S: float = field(default_factory=lambda: float(_env("MAX_WAIT_S", "30")))
+    # Deliveries of one job before it is failed as `worker_crashed` (a poison upload must not loop forever).
+    MAX_ATTEMPTS: int = field(default_factory=lambda: int(_env("MAX_ATTEMPTS", "3")))
+    # Model: a local directory or a hub id (needs internet), loaded with from_pretrained.
+    ASR_MODEL: str = field(default_factory=lambda: _env("ASR_MODEL", str(BUNDLED_MODEL_DIR)))
+    # CPU threads per worker process for torch (0 = torch's default).
+    TORCH_THREADS: int = field(default_factory=lambda: int(_env("TORCH_THREADS", "0")))
+    # Worker processes per worker (Celery prefork pool); each loads its own model.
+    WORKER_CONCURRENCY: int = field(default_factory=lambda: int(_env("WORKER_CONCURRENCY", "1")))
+    # Seconds the worker parent waits for a child's model load before killing it.
+    WORKER_INIT_TIMEOUT_S: float = field(default_factory=lambda: float(_env("WORKER_INIT_TIMEOUT_S", "300")))
+    # Seconds after which a job is hard-killed (must stay below the broker's visibility timeout).
+    TASK_TIME_LIMIT_S: int = field(default_factory=lambda: int(_env("TASK_TIME_LIMIT_S", "120")))
+    QUEUE: str = field(default_factory=lambda: _env("QUEUE", "transcribe"))
+    PORT: int = field(default_factory=lambda: int(_env("PORT", "8000")))
+    FLOWER_PORT: int = field(default_factory=lambda: int(_env("FLOWER_PORT", "5555")))
+    # "user:password" for Flower's basic auth; empty leaves Flower bound to localhost only.
+    FLOWER_BASIC_AUTH: str = field(default_factory=lambda: _env("FLOWER_BASIC_AUTH", ""))
+    LOG_LEVEL: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO"))
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        return replace(cls(), **overrides)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def broker_visibility_timeout_s(self) -> int:
+        # Redis redelivers an unacked task after this long even if it is still running: keep it well above
+        # the longest job so a slow job is never run twice.
+        return max(3600, self.TASK_TIME_LIMIT_S * 4)

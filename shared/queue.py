@@ -1,0 +1,35 @@
+"""The Celery app's configuration, shared by the web app (which only sends tasks) and the worker."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared.config import Settings
+
+TRANSCRIBE_TASK = "arabic_words.transcribe"
+
+
+def make_celery(settings: Settings, main: str = "arabic_words") -> Celery:
+    app = Celery(main, broker=settings.REDIS_URL)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_accept_content=["json"],
+        task_ignore_result=True,  # results live in our own job record (shared.jobs)
+        task_default_queue=settings.QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,
+        task_time_limit=settings.TASK_TIME_LIMIT_S,
+        task_soft_time_limit=max(1, settings.TASK_TIME_LIMIT_S - 5),
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_proc_alive_timeout=settings.WORKER_INIT_TIMEOUT_S,  # model loads take longer than the 4 s default
+        worker_concurrency=settings.WORKER_CONCURRENCY,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    return app

@@ -1,0 +1,236 @@
+"""End to end on real parts: Flask app -> Redis -> Celery worker process -> decode -> model -> Redis -> poll."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import redis
+import soundfile as sf
+
+from shared import keys
+from shared.jobs import JobStore
+from shared.queue import TRANSCRIBE_TASK
+from shared.text import normalize_loose
+from tests.conftest import DATA, WORKER_MAX_AUDIO_S, WORKER_PROCESSES, read_transcripts, wait_for
+
+pytestmark = pytest.mark.usefixtures("worker")
+TRANSCRIPTS = read_transcripts()
+
+
+def post_file(client, path, **form):
+    with open(path, "rb") as f:
+        return client.post("/v1/transcriptions", data={"file": (f, path.name), **form},
+                           content_type="multipart/form-data")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(TRANSCRIPTS))
+def test_every_format_transcribes(client, name):
+    response = post_file(client, DATA / name)
+    assert response.status_code == 202
+    body = response.get_json()
+    assert body["status"] == "queued" and body["url"] == f"/v1/transcriptions/{body['id']}"
+    assert response.headers["Location"] == body["url"]
+
+    done = wait_for(client, body["id"])
+    assert done["status"] == "succeeded", done
+    assert done["error"] is None
+    result = done["result"]
+    assert normalize_loose(result["text"]) == normalize_loose(TRANSCRIPTS[name])
+    assert 0.0 <= result["confidence"] <= 1.0
+    assert set(result["timings_ms"]) == {"queue", "decode", "inference", "total"}
+    assert 0.5 < result["duration_s"] < 5
+    assert [w["word"] for w in result["words"]] == result["text"].split()
+    for word in result["words"]:
+        assert 0 <= word["start"] < word["end"] <= result["duration_s"] + 0.05
+        assert 0.0 <= word["confidence"] <= 1.0
+
+
+def test_raw_body_upload_and_expected(client):
+    data = (DATA / "kitab.webm").read_bytes()
+    response = client.post("/v1/transcriptions?expected=كِتَاب", data=data, content_type="audio/webm")
+    assert response.status_code == 202
+    done = wait_for(client, response.get_json()["id"])
+    assert done["status"] == "succeeded"
+    assert done["result"]["expected"] == {"text": "كِتَاب", "normalized_match": True, "similarity": 1.0}
+
+
+def test_expected_mismatch_is_reported(client):
+    done = wait_for(client, post_file(client, DATA / "shukran.ogg", expected="مدرسة").get_json()["id"])
+    expected = done["result"]["expected"]
+    assert expected["normalized_match"] is False
+    assert 0.0 <= expected["similarity"] < 0.5
+
+
+def test_long_poll_returns_when_the_job_ends(client):
+    job_id = post_file(client, DATA / "marhaba.mp3").get_json()["id"]
+    started = time.monotonic()
+    body = client.get(f"/v1/transcriptions/{job_id}?wait=25").get_json()
+    elapsed = time.monotonic() - started
+    assert body["status"] == "succeeded"
+    assert elapsed < 10  # well before the 25 s it was allowed to wait
+    started = time.monotonic()
+    assert client.get(f"/v1/transcriptions/{job_id}?wait=25").get_json()["status"] == "succeeded"
+    assert time.monotonic() - started < 1  # a final job answers at once
+
+
+def test_long_poll_times_out_on_a_job_nobody_runs(app, client):
+    job = app.extensions["arabic_words"]["store"].create(b"never sent to a worker")
+    started = time.monotonic()
+    body = client.get(f"/v1/transcriptions/{job.id}?wait=1.5").get_json()
+    assert body["status"] == "queued"
+    assert 1.4 <= time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("wait", ["abc", "-1", "31", "nan"])
+def test_bad_wait_is_400(client, wait):
+    job_id = "0" * 32
+    response = client.get(f"/v1/transcriptions/{job_id}?wait={wait}")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "invalid_wait"
+
+
+@pytest.mark.parametrize("job_id", ["0123456789abcdef0123456789abcdef", "not-a-job", "x" * 300])
+def test_unknown_id_is_404(client, job_id):
+    response = client.get(f"/v1/transcriptions/{job_id}")
+    assert response.status_code == 404
+    assert response.get_json()["error"]["code"] == "not_found"
+
+
+def test_empty_upload_is_400(client):
+    response = client.post("/v1/transcriptions", data={"file": (io.BytesIO(b""), "empty.webm")},
+                           content_type="multipart/form-data")  # fmt: skip
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "empty_upload"
+    response = client.post("/v1/transcriptions", data=b"", content_type="audio/webm")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "empty_upload"
+
+
+def test_missing_file_field_is_400(client):
+    response = client.post("/v1/transcriptions", data={"other": "x"}, content_type="multipart/form-data")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "no_file"
+    response = client.post("/v1/transcriptions")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "no_file"
+
+
+def test_wrong_content_type_is_415(client):
+    response = client.post("/v1/transcriptions", data=json.dumps({"file": "x"}), content_type="application/json")
+    assert response.status_code == 415
+    assert response.get_json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_expected_too_long_is_400(client):
+    response = post_file(client, DATA / "kitab.flac", expected="ب" * 501)
+    assert response.status_code == 400
+    assert response.get_json()["error"]["code"] == "invalid_expected"
+
+
+@pytest.mark.parametrize("multipart", [True, False])
+def test_oversize_upload_is_413(app, client, multipart):
+    limit = app.extensions["arabic_words"]["settings"].MAX_UPLOAD_BYTES
+    blob = b"\0" * (limit + 1)
+    if multipart:
+        response = client.post("/v1/transcriptions", data={"file": (io.BytesIO(blob), "big.wav")},
+                               content_type="multipart/form-data")  # fmt: skip
+    else:
+        response = client.post("/v1/transcriptions", data=blob, content_type="audio/wav")
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "upload_too_large"
+    huge = b"\0" * (limit + 100 * 1024)  # beyond MAX_CONTENT_LENGTH: refused before the body is read
+    response = client.post("/v1/transcriptions", data=huge, content_type="audio/wav")
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "upload_too_large"
+
+
+def test_garbage_fails_the_job_and_the_worker_keeps_serving(client, settings):
+    bad = client.post("/v1/transcriptions", data=np.random.default_rng(1).bytes(5000), content_type="audio/webm")
+    done = wait_for(client, bad.get_json()["id"])
+    assert done["status"] == "failed"
+    assert done["result"] is None
+    assert done["error"]["code"] == "invalid_audio"
+    assert done["error"]["message"]
+    good = wait_for(client, post_file(client, DATA / "madrasa.webm").get_json()["id"])
+    assert good["status"] == "succeeded"
+    r = redis.Redis.from_url(settings.REDIS_URL)
+    assert not r.exists(keys.upload(bad.get_json()["id"]))
+
+
+def test_truncated_webm_fails_with_invalid_audio(client):
+    data = (DATA / "marhaba.webm").read_bytes()[:200]
+    done = wait_for(client, client.post("/v1/transcriptions", data=data, content_type="audio/webm").get_json()["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "invalid_audio"
+
+
+def test_audio_too_long_fails_the_job(client):
+    buf = io.BytesIO()
+    noise = (np.random.default_rng(0).standard_normal(int(16_000 * (WORKER_MAX_AUDIO_S + 5))) * 0.05).astype("float32")
+    sf.write(buf, noise, 16_000, format="WAV", subtype="PCM_16")
+    done = wait_for(client, client.post("/v1/transcriptions", data=buf.getvalue(), content_type="audio/wav")
+                    .get_json()["id"])  # fmt: skip
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "audio_too_long"
+
+
+def test_upload_is_deleted_once_the_job_is_final(client, settings):
+    job_id = post_file(client, DATA / "shukran.flac").get_json()["id"]
+    r = redis.Redis.from_url(settings.REDIS_URL)
+    assert r.ttl(keys.upload(job_id)) > 0 or wait_for(client, job_id)  # stored with a TTL (unless already done)
+    assert wait_for(client, job_id)["status"] == "succeeded"
+    assert not r.exists(keys.upload(job_id))
+    assert r.ttl(keys.job(job_id)) > 0  # the record itself expires too
+
+
+def test_expired_upload_fails_with_its_own_code(app, client, settings):
+    store: JobStore = app.extensions["arabic_words"]["store"]
+    job = store.create((DATA / "kitab.mp3").read_bytes())
+    store.redis.delete(keys.upload(job.id))
+    app.extensions["arabic_words"]["celery"].send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
+    done = wait_for(client, job.id)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "upload_expired"
+
+
+def test_a_job_redelivered_too_often_is_failed_not_retried(app, client, settings):
+    store: JobStore = app.extensions["arabic_words"]["store"]
+    job = store.create((DATA / "kitab.mp3").read_bytes())
+    store.redis.hset(keys.job(job.id), "attempts", settings.MAX_ATTEMPTS)  # as if it had killed its worker before
+    app.extensions["arabic_words"]["celery"].send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
+    done = wait_for(client, job.id)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "worker_crashed"
+    assert not store.redis.exists(keys.upload(job.id))
+
+
+def test_model_is_loaded_once_per_worker_process(client, settings):
+    ids = [post_file(client, DATA / name).get_json()["id"] for name in sorted(TRANSCRIPTS)[:8]]
+    assert all(wait_for(client, i)["status"] == "succeeded" for i in ids)
+    loads = redis.Redis.from_url(settings.REDIS_URL).hgetall(keys.model_loads())
+    assert len(loads) == WORKER_PROCESSES
+    assert all(int(v) == 1 for v in loads.values()), loads
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json()["workers"] >= 1
+
+
+def test_unknown_route_and_method_are_json(client):
+    response = client.get("/v1/nothing")
+    assert response.status_code == 404 and response.get_json()["error"]["code"] == "not_found"
+    response = client.delete("/v1/transcriptions")
+    assert response.status_code == 405 and response.get_json()["error"]["code"] == "method_not_allowed"
+
+
+def test_index_page(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert b"MediaRecorder" in response.data

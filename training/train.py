@@ -1,0 +1,231 @@
+"""Train the bundled Arabic CTC model on the synthetic data from ``training.make_dataset``.
+
+Architecture: a small Wav2Vec2-BERT conformer over 80-bin log-mel filterbanks (``Wav2Vec2BertForCTC`` with a
+``SeamlessM4TFeatureExtractor``). It loads through the same ``AutoModelForCTC``/``AutoProcessor`` code as any
+wav2vec2 checkpoint. A raw-waveform wav2vec2 trained from scratch stays on the all-blank plateau for far longer on
+2 CPU cores (``../shared/model-training-notes.md``); the filterbank front end leaves it within minutes.
+
+    python -m training.train --data training/work/data --out models/arabic-words-small --minutes 70
+
+Stops at ``--max-steps`` or ``--minutes``, whichever first; the learning-rate schedule follows whichever is further
+along, so a time-boxed run still anneals. Keeps the checkpoint with the best CER on the held-out eval set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2BertConfig,
+    Wav2Vec2BertForCTC,
+    Wav2Vec2BertProcessor,
+    Wav2Vec2CTCTokenizer,
+)
+
+from shared.text import ARABIC_LETTERS, edit_distance
+from training.synth import SAMPLE_RATE, decode_any
+
+_EXTRACTOR = SeamlessM4TFeatureExtractor(sampling_rate=SAMPLE_RATE)
+
+
+def build_processor(workdir: Path) -> Wav2Vec2BertProcessor:
+    vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2} | {ch: i + 3 for i, ch in enumerate(ARABIC_LETTERS)}
+    vocab_file = workdir / "vocab.json"
+    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tokenizer = Wav2Vec2CTCTokenizer(
+        str(vocab_file), unk_token="[UNK]", pad_token="[PAD]", word_delimiter_token="|"
+    )
+    return Wav2Vec2BertProcessor(feature_extractor=_EXTRACTOR, tokenizer=tokenizer)
+
+
+def build_model(processor: Wav2Vec2BertProcessor, layers: int, hidden: int) -> Wav2Vec2BertForCTC:
+    config = Wav2Vec2BertConfig(
+        vocab_size=len(processor.tokenizer),
+        pad_token_id=processor.tokenizer.pad_token_id,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 4,
+        output_hidden_size=hidden,
+        conv_depthwise_kernel_size=15,
+        feature_projection_input_dim=160,
+        hidden_dropout=0.05,
+        attention_dropout=0.05,
+        activation_dropout=0.05,
+        feat_proj_dropout=0.05,
+        final_dropout=0.1,
+        layerdrop=0.0,
+        mask_time_prob=0.08,
+        mask_time_length=8,
+        mask_feature_prob=0.05,
+        mask_feature_length=16,
+        ctc_loss_reduction="mean",
+        ctc_zero_infinity=True,
+        add_adapter=False,
+    )
+    return Wav2Vec2BertForCTC(config)
+
+
+def features(audio: np.ndarray) -> np.ndarray:
+    out = _EXTRACTOR(audio, sampling_rate=SAMPLE_RATE, return_tensors="np", return_attention_mask=False)
+    return out["input_features"][0].astype(np.float16)
+
+
+def _features_of_shard(path: Path) -> tuple[list[np.ndarray], list[str]]:
+    torch.set_num_threads(1)
+    shard = np.load(path)
+    pcm = shard["pcm"].astype(np.float32) / 32767
+    feats, start = [], 0
+    for length in shard["lengths"]:
+        feats.append(features(pcm[start : start + length]))
+        start += length
+    return feats, [str(t) for t in shard["texts"]]
+
+
+def load_train(data: Path) -> tuple[list[np.ndarray], list[str]]:
+    feats, texts = [], []
+    with multiprocessing.Pool() as pool:
+        for f, t in pool.imap(_features_of_shard, sorted(data.glob("train-*.npz"))):
+            feats += f
+            texts += t
+    return feats, texts
+
+
+def load_eval(eval_dir: Path, limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
+    rows = [line.split("\t") for line in (eval_dir / "transcripts.tsv").read_text(encoding="utf-8").splitlines()]
+    rows = rows[:limit] if limit else rows
+    return [features(decode_any((eval_dir / name).read_bytes())) for name, _ in rows], [t for _, t in rows]
+
+
+def batches(lengths: list[int], max_frames: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches of at most ``max_frames`` padded frames, in random order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i] + rng.random() * 8)
+    out, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > max_frames:
+            out.append(current)
+            current = []
+        current.append(i)
+    out.append(current)
+    rng.shuffle(out)
+    return out
+
+
+def collate(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(f) for f in feats)
+    x = torch.zeros(len(feats), longest, feats[0].shape[1])
+    mask = torch.zeros(len(feats), longest, dtype=torch.long)
+    for i, f in enumerate(feats):
+        x[i, : len(f)] = torch.from_numpy(f.astype(np.float32))
+        mask[i, : len(f)] = 1
+    return x, mask
+
+
+@torch.inference_mode()
+def evaluate(model, processor, feats, texts, batch_size: int = 32) -> tuple[float, float]:
+    """Greedy CTC decode; returns (CER, exact-utterance accuracy)."""
+    model.eval()
+    errors = chars = exact = 0
+    for start in range(0, len(feats), batch_size):
+        x, mask = collate(feats[start : start + batch_size])
+        ids = model(input_features=x, attention_mask=mask).logits.argmax(-1)
+        for hyp, ref in zip(processor.batch_decode(ids), texts[start : start + batch_size]):
+            errors += edit_distance(hyp, ref)
+            chars += len(ref)
+            exact += hyp == ref
+    model.train()
+    return errors / max(chars, 1), exact / max(len(texts), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("training/work/data"))
+    parser.add_argument("--out", type=Path, default=Path("models/arabic-words-small"))
+    parser.add_argument("--minutes", type=float, default=70)
+    parser.add_argument("--max-steps", type=int, default=20_000)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=192)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--max-frames", type=int, default=2000, help="padded feature frames per batch")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(args.threads)
+
+    t0 = time.time()
+    feats, texts = load_train(args.data)
+    eval_feats, eval_texts = load_eval(args.data / "eval", limit=200)
+    print(f"features: {len(feats)} train, {len(eval_feats)} eval in {time.time() - t0:.0f} s", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = build_processor(Path(tmp))
+        labels = [processor.tokenizer(t).input_ids for t in texts]
+        model = build_model(processor, args.layers, args.hidden).to(device)
+        print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+        def lr_at(progress: float, step: int) -> float:
+            warm = min(1.0, step / args.warmup)
+            return args.lr * warm * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+        model.train()
+        step, best_cer, start = 0, float("inf"), time.time()
+        lengths = [len(f) for f in feats]
+        losses: list[float] = []
+        done = False
+        while not done:
+            for batch in batches(lengths, args.max_frames, rng):
+                progress = max(step / args.max_steps, (time.time() - start) / (args.minutes * 60))
+                if progress >= 1.0:
+                    done = True
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(progress, step)
+                x, mask = collate([feats[i] for i in batch])
+                longest = max(len(labels[i]) for i in batch)
+                y = torch.full((len(batch), longest), -100, dtype=torch.long)
+                for row, i in enumerate(batch):
+                    y[row, : len(labels[i])] = torch.tensor(labels[i])
+                loss = model(input_features=x.to(device), attention_mask=mask.to(device), labels=y.to(device)).loss
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                if step % 50 == 0:
+                    rate = (time.time() - start) / step
+                    print(f"step {step} loss {np.mean(losses[-50:]):.3f} lr {lr_at(progress, step):.2e} "
+                          f"{rate:.2f} s/step progress {progress:.2f}", flush=True)
+                if step % args.eval_every == 0:
+                    cer, acc = evaluate(model.cpu() if device.type == "cpu" else model, processor, eval_feats, eval_texts)
+                    print(f"eval step {step}: CER {cer:.4f} exact {acc:.3f}", flush=True)
+                    if cer < best_cer:
+                        best_cer = cer
+                        model.save_pretrained(args.out)
+                        processor.save_pretrained(args.out)
+        cer, acc = evaluate(model, processor, eval_feats, eval_texts)
+        print(f"final step {step}: CER {cer:.4f} exact {acc:.3f}; {(time.time() - start) / 60:.1f} min", flush=True)
+        if cer < best_cer:
+            model.save_pretrained(args.out)
+            processor.save_pretrained(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The HTTP API: accepts uploads, queues jobs, answers status. No model here."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask
+
+from shared.config import Settings
+from shared.jobs import JobStore
+from shared.queue import make_celery
+
+# multipart framing around a file of MAX_UPLOAD_BYTES; the file itself is checked exactly in the view
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+def create_app(config: Settings | dict | None = None) -> Flask:
+    """App factory. ``config``: a Settings, a dict of Settings field overrides, or None (environment)."""
+    if isinstance(config, Settings):
+        settings = config
+    else:
+        settings = Settings.from_env(**(config or {}))
+    if not settings.REDIS_URL:
+        raise RuntimeError("REDIS_URL is not set (`arabic-words run` starts an embedded Redis and sets it)")
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES + _MULTIPART_OVERHEAD
+    app.config["JSON_AS_ASCII"] = False
+    app.json.ensure_ascii = False  # Arabic text stays readable in responses
+    client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    app.extensions["arabic_words"] = {
+        "settings": settings,
+        "store": JobStore(client, settings),
+        "celery": make_celery(settings, main="arabic_words_web"),
+    }
+    logging.getLogger(__name__).setLevel(settings.LOG_LEVEL)
+
+    from web.api import bp as api_bp
+    from web.errors import register_error_handlers
+    from web.pages import bp as pages_bp
+
+    app.register_blueprint(api_bp)
+    app.register_blueprint(pages_bp)
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,109 @@
+"""v1 API: POST an upload, GET its status (optionally long-polling), health and readiness."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, current_app, jsonify, request, url_for
+
+from shared.jobs import JobStore
+from shared.queue import TRANSCRIBE_TASK
+from shared.schema import ErrorCode
+from web.errors import ApiError
+
+log = logging.getLogger(__name__)
+bp = Blueprint("api", __name__)
+
+MAX_EXPECTED_CHARS = 500
+_RAW_TYPES = ("audio/", "video/webm", "video/ogg", "video/mp4", "application/octet-stream", "application/ogg")
+
+
+def _ext() -> dict:
+    return current_app.extensions["arabic_words"]
+
+
+def _read_upload(limit: int) -> bytes:
+    """The uploaded bytes: multipart field ``file``, or a raw body with an audio content type."""
+    if request.mimetype == "multipart/form-data":
+        upload = request.files.get("file")
+        if upload is None:
+            raise ApiError(400, ErrorCode.NO_FILE, "send the recording in a multipart field named 'file'")
+        data = upload.stream.read(limit + 1)
+    elif request.mimetype.startswith(_RAW_TYPES):
+        data = request.stream.read(limit + 1)
+    elif not request.mimetype and not request.content_length:
+        raise ApiError(400, ErrorCode.NO_FILE, "no recording was sent")
+    else:
+        raise ApiError(
+            415,
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"send multipart/form-data with a 'file' field or an audio/* body, not {request.mimetype!r}",
+        )
+    if len(data) > limit:
+        raise ApiError(413, ErrorCode.UPLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
+    if not data:
+        raise ApiError(400, ErrorCode.EMPTY_UPLOAD, "the uploaded file is empty")
+    return data
+
+
+def _read_expected() -> str | None:
+    expected = request.form.get("expected") if request.mimetype == "multipart/form-data" else None
+    expected = expected if expected is not None else request.args.get("expected")
+    if expected is None or not expected.strip():
+        return None
+    if len(expected) > MAX_EXPECTED_CHARS:
+        raise ApiError(400, ErrorCode.INVALID_EXPECTED, f"'expected' is limited to {MAX_EXPECTED_CHARS} characters")
+    return expected.strip()
+
+
+@bp.post("/v1/transcriptions")
+def create_transcription():
+    settings = _ext()["settings"]
+    data = _read_upload(settings.MAX_UPLOAD_BYTES)
+    expected = _read_expected()
+    store: JobStore = _ext()["store"]
+    job = store.create(data, expected=expected)
+    _ext()["celery"].send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
+    url = url_for("api.get_transcription", job_id=job.id)
+    log.info("job queued job_id=%s bytes=%d", job.id, len(data))
+    response = jsonify({"id": job.id, "status": job.status.value, "url": url})
+    return response, 202, {"Location": url}
+
+
+@bp.get("/v1/transcriptions/<job_id>")
+def get_transcription(job_id: str):
+    settings = _ext()["settings"]
+    wait_arg = request.args.get("wait")
+    wait_s = 0.0
+    if wait_arg is not None:
+        try:
+            wait_s = float(wait_arg)
+        except ValueError:
+            wait_s = -1.0
+        if not 0 <= wait_s <= settings.MAX_WAIT_S:  # also refuses nan
+            raise ApiError(
+                400, ErrorCode.INVALID_WAIT, f"'wait' must be a number of seconds from 0 to {settings.MAX_WAIT_S:g}"
+            )
+    store: JobStore = _ext()["store"]
+    job = store.wait(job_id, wait_s) if wait_s > 0 else store.get(job_id)
+    if job is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no transcription job {job_id!r} (unknown or expired)")
+    return jsonify(job.public())
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    checks = {"redis": False, "workers": 0}
+    try:
+        checks["redis"] = bool(_ext()["store"].redis.ping())
+        replies = _ext()["celery"].control.ping(timeout=1.0) if checks["redis"] else []
+        checks["workers"] = len(replies or [])
+    except Exception as exc:  # readiness answers, it does not raise
+        log.warning("readiness check failed: %s", exc)
+    ready = checks["redis"] and checks["workers"] > 0
+    return jsonify({"status": "ready" if ready else "not_ready", **checks}), 200 if ready else 503

@@ -1,0 +1,56 @@
+"""Every error leaves as JSON: {"error": {"code", "message"}}."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from shared.schema import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str):
+    return jsonify({"error": {"code": code, "message": message}}), status
+
+
+_HTTP_CODES = {
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.UPLOAD_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+}
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return error_response(exc.status, exc.code.value, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status)
+        if status == 413:
+            limit = app.extensions["arabic_words"]["settings"].MAX_UPLOAD_BYTES
+            return error_response(413, ErrorCode.UPLOAD_TOO_LARGE.value, f"uploads are limited to {limit} bytes")
+        return error_response(status, (code.value if code else exc.name.lower().replace(" ", "_")), exc.description)
+
+    @app.errorhandler(redis.RedisError)
+    def _redis_down(exc: redis.RedisError):
+        log.error("redis unavailable: %s", exc)
+        return error_response(503, ErrorCode.SERVICE_UNAVAILABLE.value, "the job store is unavailable, retry later")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, ErrorCode.INTERNAL.value, "internal error")

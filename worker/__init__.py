@@ -1,0 +1,1 @@
+"""The Celery worker: decodes uploads and runs the CTC model."""

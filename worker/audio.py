@@ -1,0 +1,172 @@
+"""Decode uploaded bytes to 16 kHz mono float32, in process, refusing anything that is not plain audio.
+
+WAV, FLAC and OGG go through libsndfile (soundfile); everything else through FFmpeg's libraries (PyAV), from memory,
+with the demuxer forced from an allow-list chosen by magic bytes: FFmpeg never probes, so playlist/concat/image
+demuxers that can open other files or URLs are never reached. Durations and sample counts are checked while
+decoding, so a tiny file that claims or expands to hours is refused early. Resampling is soxr's.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import av
+import numpy as np
+import soundfile as sf
+import soxr
+
+from shared.config import Settings
+
+SAMPLE_RATE = 16_000
+_SILENCE_PEAK = 10 ** (-80 / 20)  # below -80 dBFS everywhere: nothing to transcribe
+
+# container -> FFmpeg demuxer name (forced, never probed)
+_DEMUXERS = {
+    "webm": "matroska",
+    "mp3": "mp3",
+    "mp4": "mov",
+    "aac": "aac",
+    "wav": "wav",
+    "flac": "flac",
+    "ogg": "ogg",
+    "aiff": "aiff",
+}
+_CODECS = {
+    "opus", "vorbis", "mp3", "mp3float", "aac", "aac_fixed", "flac", "alac", "mp2", "speex",
+    "pcm_s16le", "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_f64le", "pcm_u8", "pcm_s16be", "pcm_s24be",
+    "pcm_s32be", "pcm_f32be", "pcm_mulaw", "pcm_alaw", "adpcm_ms", "adpcm_ima_wav", "libopus",
+}  # fmt: skip
+_SOUNDFILE_CONTAINERS = {"wav", "flac", "ogg"}
+
+
+class InvalidAudio(ValueError):
+    """Bytes that are not decodable audio; ``reason`` is a stable machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def sniff_container(data: bytes) -> str | None:
+    """The container named by ``data``'s magic bytes, or None if it is not one we accept."""
+    head = data[:16]
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"  # EBML: WebM or Matroska
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[:3] == b"ID3":
+        return "mp3"
+    if len(head) >= 2 and head[0] == 0xFF:
+        if head[1] & 0xF6 == 0xF0:  # ADTS sync word, layer bits 00
+            return "aac"
+        if head[1] & 0xE0 == 0xE0 and head[1] & 0x06:  # MPEG audio frame sync with a layer set
+            return "mp3"
+    return None
+
+
+def decode(data: bytes, *, max_audio_s: float | None = None) -> np.ndarray:
+    """Decode an uploaded file to mono float32 samples at 16 kHz.
+
+    Raises ``InvalidAudio`` (reason: empty, unrecognized_format, corrupt, no_audio_stream, unsupported_codec,
+    zero_length, non_finite, silent, audio_too_long) for anything else. ``max_audio_s`` defaults to MAX_AUDIO_S.
+    """
+    if max_audio_s is None:
+        max_audio_s = Settings().MAX_AUDIO_S
+    if not data:
+        raise InvalidAudio("empty", "the upload is empty")
+    container = sniff_container(data)
+    if container is None:
+        raise InvalidAudio("unrecognized_format", "not a recognized audio container (WebM, OGG, MP3, M4A, WAV, FLAC)")
+    audio, rate = None, 0
+    if container in _SOUNDFILE_CONTAINERS:
+        audio, rate = _decode_soundfile(data, max_audio_s)
+    if audio is None:  # not a container libsndfile handles, or a codec inside it that it lacks
+        audio, rate = _decode_ffmpeg(data, container, max_audio_s)
+    return _finish(audio, rate)
+
+
+def _too_long(max_audio_s: float) -> InvalidAudio:
+    return InvalidAudio("audio_too_long", f"audio is longer than the {max_audio_s:g} s limit")
+
+
+def _decode_soundfile(data: bytes, max_audio_s: float) -> tuple[np.ndarray | None, int]:
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if f.samplerate <= 0 or f.channels <= 0:
+                raise InvalidAudio("corrupt", "the header gives no sample rate or channels")
+            limit = int(math.ceil(max_audio_s * f.samplerate))
+            if 0 < f.frames < 2**62 and f.frames > limit:  # trust a plausible header to refuse before reading
+                raise _too_long(max_audio_s)
+            audio = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+            rate = f.samplerate
+    except InvalidAudio:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError):
+        return None, 0  # let FFmpeg try: it knows more codecs (and says what is wrong when it cannot)
+    if len(audio) > limit:
+        raise _too_long(max_audio_s)
+    return audio.mean(axis=1), rate
+
+
+def _decode_ffmpeg(data: bytes, container: str, max_audio_s: float) -> tuple[np.ndarray, int]:
+    chunks: list[np.ndarray] = []
+    total, rate = 0, 0
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container]) as demuxer:
+            streams = demuxer.streams.audio
+            if not streams:
+                raise InvalidAudio("no_audio_stream", "the file has no audio stream")
+            stream = streams[0]
+            if stream.codec_context.name not in _CODECS:
+                raise InvalidAudio("unsupported_codec", f"audio codec {stream.codec_context.name!r} is not accepted")
+            for frame in demuxer.decode(stream):
+                rate = frame.sample_rate or rate
+                if rate <= 0:
+                    raise InvalidAudio("corrupt", "the stream gives no sample rate")
+                samples = frame.to_ndarray()
+                if samples.ndim == 1 or not frame.format.is_planar:  # packed: interleaved channels
+                    samples = samples.reshape(-1, len(frame.layout.channels)).T
+                chunks.append(_to_float_mono(samples))
+                total += samples.shape[1]
+                if total > max_audio_s * rate:
+                    raise _too_long(max_audio_s)
+    except InvalidAudio:
+        raise
+    except (av.error.FFmpegError, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as exc:
+        raise InvalidAudio("corrupt", f"the audio could not be decoded ({type(exc).__name__})") from None
+    if not chunks:
+        raise InvalidAudio("zero_length", "the file contains no audio samples")
+    return np.concatenate(chunks), rate
+
+
+def _to_float_mono(samples: np.ndarray) -> np.ndarray:
+    """(channels, n) samples of any sample format -> mono float32 in [-1, 1]."""
+    if samples.dtype.kind == "f":
+        x = samples.astype(np.float32, copy=False)
+    elif samples.dtype.kind == "u":  # pcm_u8
+        x = (samples.astype(np.float32) - 128.0) / 128.0
+    else:
+        x = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max)
+    return x.mean(axis=0) if x.shape[0] > 1 else x[0]
+
+
+def _finish(audio: np.ndarray, rate: int) -> np.ndarray:
+    if audio.size == 0:
+        raise InvalidAudio("zero_length", "the file contains no audio samples")
+    if not np.isfinite(audio).all():
+        raise InvalidAudio("non_finite", "the audio contains NaN or infinite samples")
+    if float(np.max(np.abs(audio))) < _SILENCE_PEAK:
+        raise InvalidAudio("silent", "the audio is silent")
+    if rate != SAMPLE_RATE:
+        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(audio, dtype=np.float32)
