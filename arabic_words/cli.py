@@ -31,10 +31,32 @@ def _service_commands(settings: Settings, redis_url: str) -> dict[str, list[str]
     if settings.FLOWER_BASIC_AUTH:
         flower.append(f"--basic-auth={settings.FLOWER_BASIC_AUTH}")
     return {
-        "web": [str(bin_dir / "gunicorn"), "--bind", f"127.0.0.1:{settings.PORT}", "--worker-class", "gthread",
-                "--workers", "2", "--threads", "16", "--timeout", "60", "web:create_app()"],  # fmt: skip
-        "worker": [str(bin_dir / "celery"), "-A", "worker.celery_app", "worker", "--loglevel", settings.LOG_LEVEL,
-                   "-Q", settings.QUEUE, "-n", "worker@%h"],  # fmt: skip
+        "web": [
+            str(bin_dir / "gunicorn"),
+            "--bind",
+            f"127.0.0.1:{settings.PORT}",
+            "--worker-class",
+            "gthread",
+            "--workers",
+            "2",
+            "--threads",
+            "16",
+            "--timeout",
+            "60",
+            "web:create_app()",
+        ],  # fmt: skip
+        "worker": [
+            str(bin_dir / "celery"),
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--loglevel",
+            settings.LOG_LEVEL,
+            "-Q",
+            settings.QUEUE,
+            "-n",
+            "worker@%h",
+        ],  # fmt: skip
         "flower": flower,
     }
 
@@ -156,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             result = out["result"]
             decode_ms.append(result["timings_ms"]["decode"])
             infer_ms.append(result["timings_ms"]["inference"])
-            for word, correct in zip(result["words"], word_correctness(expected, hypothesis)):
+            for word, correct in zip(result["words"], word_correctness(expected, hypothesis), strict=True):
                 scores.append(word["confidence"])
                 labels.append(correct)
         if args.verbose:
@@ -168,7 +190,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "confidence_auroc": (lambda a: round(a, 4) if a is not None else None)(auroc(scores, labels)),
         "median_decode_ms": round(statistics.median(decode_ms), 2) if decode_ms else None,
         "median_inference_ms": round(statistics.median(infer_ms), 2) if infer_ms else None,
-        "by_format": {fmt: {k: round(v, 4) for k, v in corpus_scores(p).items()} for fmt, p in sorted(by_format.items())},
+        "by_format": {
+            fmt: {k: round(v, 4) for k, v in corpus_scores(p).items()} for fmt, p in sorted(by_format.items())
+        },
     }
     print(json.dumps(report, ensure_ascii=False, indent=1))
     return 0

@@ -97,8 +97,11 @@ class JobStore:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(
                 keys.job(job_id),
-                mapping={"status": status.value, field: json.dumps(value, ensure_ascii=False),
-                         "finished_at": repr(time.time())},
+                mapping={
+                    "status": status.value,
+                    field: json.dumps(value, ensure_ascii=False),
+                    "finished_at": repr(time.time()),
+                },
             )
             pipe.delete(keys.upload(job_id))
             pipe.publish(keys.job_done_channel(job_id), status.value)

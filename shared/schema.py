@@ -6,7 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     PROCESSING = "processing"
     SUCCEEDED = "succeeded"
@@ -17,7 +17,7 @@ class JobStatus(str, enum.Enum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     # HTTP-level
     NO_FILE = "no_file"
     EMPTY_UPLOAD = "empty_upload"

@@ -82,7 +82,7 @@ def _to_codec_format(frame: av.AudioFrame, fmt_name: str, layout: str, rate: int
 
 def decode_any(data: bytes) -> np.ndarray:
     """Decode bytes to 16 kHz mono float32 with PyAV (for round trips during data generation only)."""
-    chunks, sr = [], SAMPLE_RATE
+    chunks = []
     with av.open(io.BytesIO(data)) as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         for frame in container.decode(audio=0):

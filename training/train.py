@@ -42,9 +42,7 @@ def build_processor(workdir: Path) -> Wav2Vec2BertProcessor:
     vocab = {"[PAD]": 0, "[UNK]": 1, "|": 2} | {ch: i + 3 for i, ch in enumerate(ARABIC_LETTERS)}
     vocab_file = workdir / "vocab.json"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    tokenizer = Wav2Vec2CTCTokenizer(
-        str(vocab_file), unk_token="[UNK]", pad_token="[PAD]", word_delimiter_token="|"
-    )
+    tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="[UNK]", pad_token="[PAD]", word_delimiter_token="|")
     return Wav2Vec2BertProcessor(feature_extractor=_EXTRACTOR, tokenizer=tokenizer)
 
 
@@ -139,7 +137,7 @@ def evaluate(model, processor, feats, texts, batch_size: int = 32) -> tuple[floa
     for start in range(0, len(feats), batch_size):
         x, mask = collate(feats[start : start + batch_size])
         ids = model(input_features=x, attention_mask=mask).logits.argmax(-1)
-        for hyp, ref in zip(processor.batch_decode(ids), texts[start : start + batch_size]):
+        for hyp, ref in zip(processor.batch_decode(ids), texts[start : start + batch_size], strict=True):
             errors += edit_distance(hyp, ref)
             chars += len(ref)
             exact += hyp == ref
@@ -211,10 +209,13 @@ def main() -> None:
                 step += 1
                 if step % 50 == 0:
                     rate = (time.time() - start) / step
-                    print(f"step {step} loss {np.mean(losses[-50:]):.3f} lr {lr_at(progress, step):.2e} "
-                          f"{rate:.2f} s/step progress {progress:.2f}", flush=True)
+                    print(
+                        f"step {step} loss {np.mean(losses[-50:]):.3f} lr {lr_at(progress, step):.2e} "
+                        f"{rate:.2f} s/step progress {progress:.2f}",
+                        flush=True,
+                    )
                 if step % args.eval_every == 0:
-                    cer, acc = evaluate(model.cpu() if device.type == "cpu" else model, processor, eval_feats, eval_texts)
+                    cer, acc = evaluate(model, processor, eval_feats, eval_texts)
                     print(f"eval step {step}: CER {cer:.4f} exact {acc:.3f}", flush=True)
                     if cer < best_cer:
                         best_cer = cer

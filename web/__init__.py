@@ -17,10 +17,7 @@ _MULTIPART_OVERHEAD = 64 * 1024
 
 def create_app(config: Settings | dict | None = None) -> Flask:
     """App factory. ``config``: a Settings, a dict of Settings field overrides, or None (environment)."""
-    if isinstance(config, Settings):
-        settings = config
-    else:
-        settings = Settings.from_env(**(config or {}))
+    settings = config if isinstance(config, Settings) else Settings.from_env(**(config or {}))
     if not settings.REDIS_URL:
         raise RuntimeError("REDIS_URL is not set (`arabic-words run` starts an embedded Redis and sets it)")
 

@@ -137,7 +137,7 @@ def postprocess(
         chars.clear()
         char_conf.clear()
 
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         label = int(best[s])
         if label == blank_id or label in special_ids:
             continue
@@ -152,10 +152,7 @@ def postprocess(
         word_end = e
     close_word()
 
-    if words:
-        confidence = min(w.confidence for w in words)
-    else:
-        confidence = float(np.exp(log_probs[:, blank_id]).mean())
+    confidence = min(w.confidence for w in words) if words else float(np.exp(log_probs[:, blank_id]).mean())
     return Transcript(" ".join(w.word for w in words), round(float(confidence), 4), words)
 
 

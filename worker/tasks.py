@@ -27,8 +27,10 @@ def transcribe(job_id: str) -> None:
         return
     attempt = store.start_attempt(job_id)
     if attempt > settings.MAX_ATTEMPTS:  # earlier deliveries killed their worker: stop the loop here
-        store.fail(job_id, JobError(ErrorCode.WORKER_CRASHED.value,
-                                    f"the job was attempted {attempt - 1} times and never finished"))
+        store.fail(
+            job_id,
+            JobError(ErrorCode.WORKER_CRASHED.value, f"the job was attempted {attempt - 1} times and never finished"),
+        )
         return
     try:
         _run(job_id, job.created_at, job.expected)

@@ -1,0 +1,244 @@
+"""worker.audio.decode: every format, every bad-input code, hostile files, and fuzzing."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import DATA, read_transcripts
+from worker.audio import SAMPLE_RATE, InvalidAudio, decode, sniff_container
+
+CLIPS = sorted(read_transcripts())
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+
+
+def reference_decode(data: bytes) -> np.ndarray:
+    """FFmpeg's own resampler, through a different path than decode() (swresample, not soxr)."""
+    out = []
+    with av.open(io.BytesIO(data)) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        for frame in container.decode(audio=0):
+            out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+        out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(out)
+
+
+def best_correlation(a: np.ndarray, b: np.ndarray, max_shift: int = 64) -> float:
+    """Correlation allowing a small shift (resamplers and codec priming differ by a few samples)."""
+    best = -1.0
+    for shift in range(-max_shift, max_shift + 1, 2):
+        x, y = (a[shift:], b) if shift >= 0 else (a, b[-shift:])
+        n = min(len(x), len(y))
+        best = max(best, float(np.corrcoef(x[:n], y[:n])[0, 1]))
+    return best
+
+
+@pytest.mark.parametrize("name", CLIPS)
+def test_every_format_decodes_like_the_reference(name):
+    data = (DATA / name).read_bytes()
+    audio = decode(data)
+    ref = reference_decode(data)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(len(audio) - len(ref)) <= SAMPLE_RATE * 0.03  # same length within codec priming (<= 30 ms)
+    assert best_correlation(audio, ref) >= 0.99
+    assert np.abs(audio).max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("head", "container"),
+    [
+        (b"RIFF\0\0\0\0WAVEfmt ", "wav"),
+        (b"fLaC\0\0\0\x22", "flac"),
+        (b"OggS\0\x02", "ogg"),
+        (b"\x1a\x45\xdf\xa3\x9f", "webm"),
+        (b"\0\0\0\x20ftypM4A ", "mp4"),
+        (b"ID3\x04\0", "mp3"),
+        (b"\xff\xfb\x90\x64", "mp3"),
+        (b"\xff\xf1\x50\x80", "aac"),
+        (b"#EXTM3U\n", None),
+        (b"ffconcat version 1.0\n", None),
+        (b"\x89PNG\r\n\x1a\n", None),
+        (b"<html>", None),
+    ],
+)
+def test_sniff_container(head, container):
+    assert sniff_container(head) == container
+
+
+def _wav(samples: np.ndarray, rate: int = SAMPLE_RATE, subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+def _reason(data: bytes, **kwargs) -> str:
+    with pytest.raises(InvalidAudio) as info:
+        decode(data, **kwargs)
+    assert info.value.message
+    return info.value.reason
+
+
+def test_empty():
+    assert _reason(b"") == "empty"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"hello world, not audio",
+        b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n",
+        b"ffconcat version 1.0\nfile /etc/passwd\n",
+        b"\x89PNG\r\n\x1a\n" + b"\0" * 100,
+        b"<?xml version='1.0'?><smil/>",
+    ],
+)
+def test_unrecognized_or_hostile_formats_are_refused_before_ffmpeg_sees_them(data):
+    assert _reason(data) == "unrecognized_format"
+
+
+def test_wrong_header():
+    real = (DATA / "kitab.flac").read_bytes()
+    assert _reason(b"RIFF\0\0\0\0WAVE" + real[12:]) in ("corrupt", "unrecognized_format")
+    assert _reason(b"fLaC" + bytes(200)) == "corrupt"
+    assert _reason(b"\x1a\x45\xdf\xa3" + bytes(500)) == "corrupt"
+
+
+def test_truncated():
+    wav = (DATA / "kitab.wav").read_bytes()
+    assert _reason(wav[: len(wav) // 2]) == "truncated"
+    assert _reason((DATA / "kitab.webm").read_bytes()[:150]) in ("corrupt", "truncated")
+    assert _reason((DATA / "kitab.m4a").read_bytes()[:300]) in ("corrupt", "truncated")
+
+
+def test_zero_length():
+    assert _reason(_wav(np.zeros(0, np.float32))) == "zero_length"
+
+
+def test_silent():
+    assert _reason(_wav(np.zeros(SAMPLE_RATE, np.float32))) == "silent"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite(bad):
+    samples = np.full(SAMPLE_RATE, 0.1, np.float32)
+    samples[100] = bad
+    assert _reason(_wav(samples, subtype="FLOAT")) == "non_finite"
+
+
+def test_no_audio_stream():
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as out:
+        stream = out.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    assert _reason(buf.getvalue()) == "no_audio_stream"
+
+
+def test_too_long_is_refused_from_the_header_before_reading():
+    # a WAV header promising an hour of audio, with 1 s of data behind it
+    wav = bytearray(_wav((np.random.default_rng(0).standard_normal(SAMPLE_RATE) * 0.1).astype(np.float32)))
+    data_pos = wav.index(b"data")
+    struct.pack_into("<I", wav, data_pos + 4, SAMPLE_RATE * 2 * 3600)
+    assert _reason(bytes(wav), max_audio_s=30) in ("audio_too_long", "truncated")
+
+
+@pytest.mark.parametrize("fmt", ["flac", "webm", "mp3"])
+def test_small_file_that_expands_to_a_long_one_is_refused_early(fmt):
+    from training.synth import encode
+
+    data = encode(np.zeros(SAMPLE_RATE * 300, np.float32), fmt)  # five minutes of zeros compress to little
+    assert len(data) < 2_000_000  # well under MAX_UPLOAD_BYTES, yet 10x MAX_AUDIO_S once decoded
+    started = time.perf_counter()
+    assert _reason(data, max_audio_s=30) == "audio_too_long"
+    assert time.perf_counter() - started < 2.0  # stopped at the limit, not after decoding five minutes
+
+
+def test_unsupported_codec_in_an_accepted_container():
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as out:
+        stream = out.add_stream("ac3", rate=48000)
+        samples = (np.random.default_rng(0).standard_normal((1, 48000)) * 0.1).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 48000, 0
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    assert _reason(buf.getvalue()) == "unsupported_codec"
+
+
+def test_stereo_is_downmixed_by_averaging():
+    left = (np.sin(np.arange(SAMPLE_RATE) / 10) * 0.5).astype(np.float32)
+    stereo = np.stack([left, -left * 0.5], axis=1)
+    audio = decode(_wav(stereo))
+    assert np.allclose(audio, left * 0.25, atol=2e-4)
+
+
+def test_resamples_to_16k():
+    rate = 44_100
+    tone = (np.sin(2 * np.pi * 440 * np.arange(rate) / rate) * 0.5).astype(np.float32)
+    audio = decode(_wav(tone, rate))
+    assert len(audio) == SAMPLE_RATE
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert abs(np.argmax(spectrum) - 440) <= 1  # 1 Hz bins over 1 s
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+_SEEDS = [(DATA / name).read_bytes() for name in CLIPS if name.startswith(("kitab", "shukran"))]
+
+
+def _check(data: bytes) -> None:
+    try:
+        audio = decode(data, max_audio_s=30)
+    except InvalidAudio as exc:
+        assert exc.reason and exc.message
+        return
+    assert audio.dtype == np.float32 and audio.ndim == 1 and len(audio) > 0
+    assert np.isfinite(audio).all()
+
+
+@st.composite
+def mutated_clip(draw):
+    data = bytearray(draw(st.sampled_from(_SEEDS)))
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["flip", "cut", "insert", "zero", "dup"]))
+        pos = draw(st.integers(0, len(data) - 1)) if data else 0
+        if kind == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "cut":
+            data = data[:pos] + data[pos + draw(st.integers(1, 4096)) :]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=64))
+        elif kind == "zero":
+            data[pos : pos + draw(st.integers(1, 256))] = bytes(min(256, len(data) - pos))
+        elif kind == "dup" and data:
+            data[pos:pos] = data[pos : pos + draw(st.integers(1, 2048))]
+    return bytes(data)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(mutated_clip())
+def test_fuzz_mutated_clips(data):
+    _check(data)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from([b"", b"RIFF\0\0\0\0WAVE", b"fLaC", b"OggS", b"\x1a\x45\xdf\xa3", b"ID3", b"\xff\xfb",
+                        b"\0\0\0\x18ftyp"]), st.binary(max_size=4096))  # fmt: skip
+def test_fuzz_random_bytes_behind_real_magic(magic, tail):
+    _check(magic + tail)
