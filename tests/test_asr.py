@@ -102,3 +102,18 @@ def test_postprocess_all_blank_is_empty_text():
     assert out.text == "" and out.words == []
     assert out.confidence == pytest.approx(0.8, abs=1e-3)
     assert postprocess(np.zeros((0, len(VOCAB))), VOCAB, blank_id=0, frame_s=0.02).text == ""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fp16_matches_cpu():
+    from shared.config import BUNDLED_MODEL_DIR
+
+    audio = (np.random.default_rng(0).standard_normal(35_200) * 0.1).astype(np.float32)
+    cpu = load_model(str(BUNDLED_MODEL_DIR), device=torch.device("cpu"))
+    gpu = load_model(str(BUNDLED_MODEL_DIR), device=select_device(0))
+    assert gpu.device.type == "cuda"
+    from worker.asr import infer
+
+    agree = (infer(cpu, audio).argmax(1) == infer(gpu, audio).argmax(1)).mean()
+    assert agree >= 0.99

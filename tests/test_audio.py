@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
 import time
 
@@ -202,12 +203,26 @@ def test_resamples_to_16k():
 _SEEDS = [(DATA / name).read_bytes() for name in CLIPS if name.startswith(("kitab", "shukran"))]
 
 
+class DecodeHung(Exception):
+    pass
+
+
+def _alarm(*_):
+    raise DecodeHung("decode took over 10 s")
+
+
 def _check(data: bytes) -> None:
+    """decode() returns audio or raises InvalidAudio: never another exception, never a hang."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(10)
     try:
         audio = decode(data, max_audio_s=30)
     except InvalidAudio as exc:
         assert exc.reason and exc.message
         return
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert audio.dtype == np.float32 and audio.ndim == 1 and len(audio) > 0
     assert np.isfinite(audio).all()
 
@@ -242,3 +257,23 @@ def test_fuzz_mutated_clips(data):
                         b"\0\0\0\x18ftyp"]), st.binary(max_size=4096))  # fmt: skip
 def test_fuzz_random_bytes_behind_real_magic(magic, tail):
     _check(magic + tail)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_decode_does_not_leak():
+    clips = [(DATA / name).read_bytes() for name in CLIPS if name.startswith("sabah")]
+    bad = (DATA / "sabah_alkhayr.webm").read_bytes()[:300]
+    for _ in range(30):  # warm-up: allocator pools, codec tables
+        for data in clips:
+            decode(data)
+    before = _rss_mb()
+    for _ in range(150):
+        for data in clips:
+            decode(data)
+        with pytest.raises(InvalidAudio):
+            decode(bad)
+    assert _rss_mb() - before < 25  # 1,050 decodes: a leak of even 25 kB each would show

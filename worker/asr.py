@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,13 +64,19 @@ def load_model(name_or_path: str, device: torch.device | None = None, threads: i
         model=model,
         feature_extractor=processor.feature_extractor,
         device=device,
-        name=str(name_or_path),
+        name=_display_name(name_or_path),
         id_to_token=id_to_token,
         blank_id=int(blank_id),
         delimiter=getattr(tokenizer, "word_delimiter_token", None) or "|",
         special_ids=frozenset(tokenizer.all_special_ids) - {int(blank_id)},
         samples_per_frame=float(ratio) if ratio else None,
     )
+
+
+def _display_name(name_or_path: str) -> str:
+    """A local checkpoint is named by its directory (clients need not see server paths); a hub id as it is."""
+    path = Path(name_or_path)
+    return path.name if path.is_dir() else str(name_or_path)
 
 
 def warm_up(loaded: LoadedModel, seconds: tuple[float, ...] = (1.0, 2.5)) -> float:

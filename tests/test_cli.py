@@ -1,0 +1,89 @@
+"""`arabic-words transcribe`, `evaluate` and `backfill`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+from werkzeug.serving import make_server
+
+from shared.redis_server import free_port
+from shared.text import normalize_loose
+from tests.conftest import DATA, read_transcripts
+
+TRANSCRIPTS = read_transcripts()
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "arabic_words", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)  # fmt: skip
+
+
+def test_transcribe_prints_one_json_result_per_file():
+    files = sorted(str(p) for p in DATA.glob("*.webm"))
+    proc = run_cli("transcribe", *files)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["file"] for line in lines] == files
+    for line in lines:
+        assert line["status"] == "succeeded"
+        name = line["file"].rsplit("/", 1)[-1]
+        assert normalize_loose(line["result"]["text"]) == normalize_loose(TRANSCRIPTS[name])
+        assert {"text", "confidence", "words", "duration_s", "model", "timings_ms"} <= set(line["result"])
+
+
+def test_transcribe_reports_a_bad_file_and_exits_nonzero(tmp_path):
+    bad = tmp_path / "bad.webm"
+    bad.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(100))
+    proc = run_cli("transcribe", str(bad), str(DATA / "kitab.mp3"))
+    assert proc.returncode == 1
+    first, second = (json.loads(line) for line in proc.stdout.splitlines())
+    assert first["status"] == "failed" and first["error"]["code"] == "invalid_audio"
+    assert second["status"] == "succeeded"
+
+
+def test_evaluate_reports_accuracy_on_the_fixtures():
+    proc = run_cli("evaluate", str(DATA))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["clips"] == len(TRANSCRIPTS)
+    assert report["cer"] <= 0.05
+    assert report["word_accuracy"] >= 0.9
+    assert set(report["by_format"]) == {"webm", "ogg", "mp3", "m4a", "wav", "flac"}
+
+
+@pytest.mark.usefixtures("worker")
+def test_backfill_a_folder_through_the_running_service(app, tmp_path):
+    folder = tmp_path / "archive"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("kitab.mp3", "shukran.ogg"):
+        shutil.copy(DATA / name, folder / name)
+    shutil.copy(DATA / "madrasa.m4a", folder / "sub" / "madrasa.m4a")
+    (folder / "notes.txt").write_text("not audio")
+    (folder / "broken.wav").write_bytes(b"RIFF\0\0\0\0WAVE" + bytes(64))
+
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    out = tmp_path / "results.jsonl"
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        first = run_cli("backfill", str(folder), "--url", url, "--out", str(out))
+        assert first.returncode == 1  # broken.wav failed
+        records = {r["file"].rsplit("/", 1)[-1]: r for r in map(json.loads, out.read_text().splitlines())}
+        assert set(records) == {"kitab.mp3", "shukran.ogg", "madrasa.m4a", "broken.wav"}
+        assert records["broken.wav"]["status"] == "failed"
+        assert records["broken.wav"]["error"]["code"] == "invalid_audio"
+        for name in ("kitab.mp3", "shukran.ogg", "madrasa.m4a"):
+            assert records[name]["status"] == "succeeded"
+            assert normalize_loose(records[name]["result"]["text"]) == normalize_loose(TRANSCRIPTS[name])
+        assert "backfill" in first.stderr  # the progress bar
+        second = run_cli("backfill", str(folder), "--url", url, "--out", str(out))  # resumes: only the failure
+        assert len(out.read_text().splitlines()) == 5
+        assert "3 already done" in second.stderr
+    finally:
+        server.shutdown()
