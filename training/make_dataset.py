@@ -4,9 +4,10 @@ Words come from Debian's ``hunspell-ar`` dictionary (``/usr/share/hunspell/ar.di
 espeak-ng``). Each clip is a word or a 2-5-word phrase spoken by espeak-ng's Arabic voice with one of its ~100
 variants at a random speed, pitch and word gap, then augmented (see ``training.synth.augment``).
 
-Held out for evaluation: a share of the words AND a share of the voice variants. The eval set only uses held-out
-words spoken by held-out voices; it is written as audio files (WAV 16 kHz and WebM/MP3/OGG round trips) plus a
-``transcripts.tsv`` so ``arabic-words evaluate`` can read it like any directory of recordings.
+Held out for evaluation: a share of the words AND a share of the voice variants. ``eval/`` only uses held-out
+words spoken by held-out voices; ``eval-seen-voices/`` the same unseen words by training voices. Both are written
+as audio files (WAV 16 kHz and WebM/MP3/OGG round trips) plus a ``transcripts.tsv`` so ``arabic-words evaluate``
+can read them like any directory of recordings.
 
     python -m training.make_dataset --out training/work/data --train-clips 30000
 """
@@ -131,6 +132,9 @@ def main() -> None:
         flush=True,
     )
     build_eval(args.out / "eval", split["eval_words"], split["eval_voices"], args.eval_clips, args.seed)
+    # the same unseen words by voices heard in training: separates "new word" from "new voice" errors
+    seen = [v for v in split["train_voices"] if v]
+    build_eval(args.out / "eval-seen-voices", split["eval_words"], seen, args.eval_clips * 3 // 5, seed=7)
     build_train(args.out, split["train_words"], split["train_voices"], args.train_clips, args.seed)
 
 
