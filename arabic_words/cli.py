@@ -44,7 +44,7 @@ def _service_commands(settings: Settings, redis_url: str) -> dict[str, list[str]
             "--timeout",
             "60",
             "web:create_app()",
-        ],  # fmt: skip
+        ],
         "worker": [
             str(bin_dir / "celery"),
             "-A",
@@ -56,7 +56,7 @@ def _service_commands(settings: Settings, redis_url: str) -> dict[str, list[str]
             settings.QUEUE,
             "-n",
             "worker@%h",
-        ],  # fmt: skip
+        ],
         "flower": flower,
     }
 

@@ -165,9 +165,9 @@ def bench_service(runs: int) -> dict:
     from web import create_app
 
     print(f"\n## end to end through HTTP (Flask test client) + Redis + Celery worker (ms, median of {runs})")
-    tmp = Path(tempfile.mkdtemp())
+    tmp = tempfile.TemporaryDirectory()
     port = free_port()
-    redis_proc = start_redis(port, tmp, persistent=False)
+    redis_proc = start_redis(port, Path(tmp.name), persistent=False)
     settings = Settings.from_env(REDIS_URL=f"redis://127.0.0.1:{port}/0", QUEUE="bench")
     env = {**os.environ, **{k: str(v) for k, v in settings.as_dict().items()}}
     started = time.perf_counter()
@@ -204,6 +204,8 @@ def bench_service(runs: int) -> dict:
         worker.terminate()
         worker.wait(timeout=30)
         redis_proc.terminate()
+        redis_proc.wait(timeout=10)
+        tmp.cleanup()
 
 
 def main() -> None:

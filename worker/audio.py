@@ -89,9 +89,11 @@ def decode(data: bytes, *, max_audio_s: float | None = None) -> np.ndarray:
     container = sniff_container(data)
     if container is None:
         raise InvalidAudio("unrecognized_format", "not a recognized audio container (WebM, OGG, MP3, M4A, WAV, FLAC)")
+    if container == "wav":
+        _check_wav_not_truncated(data)  # a header walk: before any decoding work
     audio, rate = None, 0
     if container in _SOUNDFILE_CONTAINERS:
-        audio, rate = _decode_soundfile(data, max_audio_s, container)
+        audio, rate = _decode_soundfile(data, max_audio_s)
     if audio is None:  # not a container libsndfile handles, or a codec inside it that it lacks
         audio, rate = _decode_ffmpeg(data, container, max_audio_s)
     return _finish(audio, rate)
@@ -113,7 +115,7 @@ def _check_wav_not_truncated(data: bytes) -> None:
         pos += 8 + size + (size & 1)
 
 
-def _decode_soundfile(data: bytes, max_audio_s: float, container: str) -> tuple[np.ndarray | None, int]:
+def _decode_soundfile(data: bytes, max_audio_s: float) -> tuple[np.ndarray | None, int]:
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             if f.samplerate <= 0 or f.channels <= 0:
@@ -129,8 +131,6 @@ def _decode_soundfile(data: bytes, max_audio_s: float, container: str) -> tuple[
         return None, 0  # let FFmpeg try: it knows more codecs (and says what is wrong when it cannot)
     if len(audio) > limit:
         raise _too_long(max_audio_s)
-    if container == "wav":
-        _check_wav_not_truncated(data)
     return _downmix(audio.T), rate
 
 
