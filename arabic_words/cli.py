@@ -119,9 +119,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- transcribe
 def _load(settings: Settings):
-    from worker.asr import load_model, select_device
+    from worker.asr import select_device
+    from worker.lifecycle import load_configured_model
 
-    return load_model(settings.ASR_MODEL, device=select_device(0), threads=settings.TORCH_THREADS)
+    return load_configured_model(settings, select_device(0))
 
 
 def _transcribe_file(model, path: Path, settings: Settings, expected: str | None = None) -> dict:

@@ -30,6 +30,17 @@ class Settings:
     MAX_ATTEMPTS: int = field(default_factory=lambda: int(_env("MAX_ATTEMPTS", "3")))
     # Model: a local directory or a hub id (needs internet), loaded with from_pretrained.
     ASR_MODEL: str = field(default_factory=lambda: _env("ASR_MODEL", str(BUNDLED_MODEL_DIR)))
+    # Inference backend: auto | torch-fp32 | torch-int8 | onnx-fp32 | onnx-int8 | torch-fp16 (CUDA). `auto` is
+    # torch-fp16 on a GPU; on the CPU it measures once per checkpoint and machine and picks the fastest backend
+    # that agrees with fp32 (see worker/backends.py).
+    ASR_BACKEND: str = field(default_factory=lambda: _env("ASR_BACKEND", "auto"))
+    # ONNX exports and `auto`'s measurements, keyed by a hash of the checkpoint. Empty = ~/.cache/arabic-words.
+    ASR_CACHE_DIR: str = field(default_factory=lambda: _env("ASR_CACHE_DIR", ""))
+    # Dynamic batching: >1 runs the worker with a threads pool of this many jobs whose forward passes are
+    # grouped into batches of up to this size (meant for GPUs; on a 2-core CPU batching buys little).
+    BATCH_MAX_SIZE: int = field(default_factory=lambda: int(_env("BATCH_MAX_SIZE", "1")))
+    # How long the first clip of a batch waits for others (milliseconds).
+    BATCH_WINDOW_MS: float = field(default_factory=lambda: float(_env("BATCH_WINDOW_MS", "10")))
     # CPU threads per worker process for torch (0 = torch's default).
     TORCH_THREADS: int = field(default_factory=lambda: int(_env("TORCH_THREADS", "0")))
     # Worker processes per worker (Celery prefork pool); each loads its own model.

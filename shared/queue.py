@@ -28,7 +28,9 @@ def make_celery(settings: Settings, main: str = "arabic_words") -> Celery:
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
         broker_connection_retry_on_startup=True,
         worker_proc_alive_timeout=settings.WORKER_INIT_TIMEOUT_S,  # model loads take longer than the 4 s default
-        worker_concurrency=settings.WORKER_CONCURRENCY,
+        # Dynamic batching needs the jobs of one model in one process: a threads pool, a thread per batch slot.
+        worker_pool="threads" if settings.BATCH_MAX_SIZE > 1 else "prefork",
+        worker_concurrency=settings.BATCH_MAX_SIZE if settings.BATCH_MAX_SIZE > 1 else settings.WORKER_CONCURRENCY,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )

@@ -61,7 +61,9 @@ class TranscriptionResult:
     words: list[WordTiming]
     duration_s: float
     model: str
-    timings_ms: dict[str, float] = field(default_factory=dict)  # queue, decode, inference, total
+    timings_ms: dict[str, float] = field(default_factory=dict)  # queue, decode, batch_wait, inference, total
+    backend: str = ""  # the inference backend that ran it (worker.backends.Backend)
+    batch_size: int = 1  # clips in the forward pass this one shared (dynamic batching)
     expected: dict | None = None  # {"text", "normalized_match", "similarity"} when the client sent `expected`
 
     def to_dict(self) -> dict:

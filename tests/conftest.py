@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +11,19 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
+from transformers import (
+    Wav2Vec2Config,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2Processor,
+)
 
 from shared.config import BUNDLED_MODEL_DIR, Settings
 from shared.queue import make_celery
 from shared.redis_server import free_port, start_redis
+from shared.text import ARABIC_LETTERS
 
 DATA = Path(__file__).parent / "data"
 WORKER_PROCESSES = 2
@@ -23,6 +33,36 @@ WORKER_MAX_AUDIO_S = 20.0
 def read_transcripts() -> dict[str, str]:
     rows = (DATA / "transcripts.tsv").read_text(encoding="utf-8").splitlines()
     return dict(line.split("\t", 1) for line in rows if line.strip())
+
+
+def save_tiny_wav2vec2(path: Path, mask_safe: bool = True) -> Path:
+    """A tiny raw-waveform wav2vec2 CTC checkpoint with random weights: the production architecture.
+    ``mask_safe``: large-style (layer norm, attention mask) or base-style (group norm, no mask)."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2} | {c: i + 3 for i, c in enumerate(ARABIC_LETTERS)}
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), pad_token="<pad>", unk_token="<unk>")
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=mask_safe)
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32, 32, 32, 32, 32, 32, 32), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        pad_token_id=0, feat_extract_norm="layer" if mask_safe else "group", do_stable_layer_norm=mask_safe,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(config).save_pretrained(path)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2(tmp_path_factory) -> Path:
+    return save_tiny_wav2vec2(tmp_path_factory.mktemp("tiny-wav2vec2"))
+
+
+@pytest.fixture(scope="session")
+def asr_cache_dir(tmp_path_factory) -> Path:
+    """One ONNX export cache for the session: the worker and the backend tests share the bundled model's export."""
+    return tmp_path_factory.mktemp("asr-cache")
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +75,12 @@ def redis_url(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def settings(redis_url: str) -> Settings:
+def settings(redis_url: str, asr_cache_dir: Path) -> Settings:
     return Settings.from_env(
         REDIS_URL=redis_url,
         ASR_MODEL=str(BUNDLED_MODEL_DIR),
+        ASR_BACKEND="auto",  # the default: measured once into the session's cache, then reused
+        ASR_CACHE_DIR=str(asr_cache_dir),
         MAX_AUDIO_S=WORKER_MAX_AUDIO_S,
         MAX_UPLOAD_BYTES=2_000_000,
         QUEUE="test-transcribe",
@@ -47,40 +89,49 @@ def settings(redis_url: str) -> Settings:
     )
 
 
-@pytest.fixture(scope="session")
-def worker(settings: Settings, tmp_path_factory) -> subprocess.Popen:
-    """A real Celery worker process with its own prefork children, each loading the model once."""
+def start_worker(settings: Settings, log_path: Path, expected_loads: int) -> subprocess.Popen:
+    """A real `celery worker` process for ``settings.QUEUE``; returns once ``expected_loads`` processes in Redis
+    have loaded the model (prefork children in worker_process_init, or the main process for a threads pool)."""
     env = dict(os.environ)
     env.update({k: str(v) for k, v in settings.as_dict().items()})
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     log_file = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-         "-Q", settings.QUEUE, "-n", f"test-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
+         "-Q", settings.QUEUE, "-n", f"{settings.QUEUE}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
         env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
     )  # fmt: skip
-    app = make_celery(settings)
-    deadline = time.monotonic() + 180
-    while len(app.control.ping(timeout=0.5) or []) == 0:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"celery worker did not start:\n{log_path.read_text()[-4000:]}")
-    # the children load the model in worker_process_init; wait until every one has
+    log_file.close()
     client = redis.Redis.from_url(settings.REDIS_URL)
     from shared import keys
 
-    while client.hlen(keys.model_loads()) < WORKER_PROCESSES:
+    deadline = time.monotonic() + 240
+    while client.hlen(keys.model_loads()) < expected_loads:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"worker processes did not load the model:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.2)
-    yield proc
+    app = make_celery(settings)
+    while len(app.control.ping(timeout=0.5) or []) == 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"celery worker did not start:\n{log_path.read_text()[-4000:]}")
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log_file.close()
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, tmp_path_factory) -> subprocess.Popen:
+    """A real Celery worker process with its own prefork children, each loading the model once."""
+    proc = start_worker(settings, tmp_path_factory.mktemp("worker") / "worker.log", WORKER_PROCESSES)
+    yield proc
+    stop_worker(proc)
 
 
 @pytest.fixture(scope="session")

@@ -2,42 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    Wav2Vec2Config,
-    Wav2Vec2CTCTokenizer,
-    Wav2Vec2FeatureExtractor,
-    Wav2Vec2ForCTC,
-    Wav2Vec2Processor,
-)
 
 from shared.text import ARABIC_LETTERS
 from worker.asr import load_model, postprocess, select_device, transcribe_audio
 
 VOCAB = ["<pad>", "<unk>", "|", "ك", "ت", "ا", "ب"]
-
-
-@pytest.fixture(scope="module")
-def tiny_wav2vec2(tmp_path_factory):
-    """A tiny raw-waveform wav2vec2 CTC checkpoint: the production architecture."""
-    path = tmp_path_factory.mktemp("tiny-wav2vec2")
-    vocab = {"<pad>": 0, "<unk>": 1, "|": 2} | {c: i + 3 for i, c in enumerate(ARABIC_LETTERS)}
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), pad_token="<pad>", unk_token="<unk>")
-    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True)
-    config = Wav2Vec2Config(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32, 32, 32, 32, 32, 32, 32), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-        pad_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    Wav2Vec2ForCTC(config).save_pretrained(path)
-    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def test_wav2vec2_checkpoint_loads_and_runs(tiny_wav2vec2):
@@ -55,7 +27,8 @@ def test_bundled_model_loads_with_auto_classes():
     from shared.config import BUNDLED_MODEL_DIR
 
     model = load_model(str(BUNDLED_MODEL_DIR))
-    assert type(model.model).__name__ == "Wav2Vec2BertForCTC"
+    assert model.model_type == "wav2vec2-bert"
+    assert type(model.runner.model).__name__ == "Wav2Vec2BertForCTC"
     assert set(ARABIC_LETTERS) <= set(model.id_to_token)
 
 
@@ -106,14 +79,17 @@ def test_postprocess_all_blank_is_empty_text():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_fp16_matches_cpu():
+def test_gpu_fp16_matches_cpu_single_and_batched():
     from shared.config import BUNDLED_MODEL_DIR
+    from tests.conftest import DATA
+    from worker.asr import infer, infer_batch
+    from worker.audio import decode
 
-    audio = (np.random.default_rng(0).standard_normal(35_200) * 0.1).astype(np.float32)
-    cpu = load_model(str(BUNDLED_MODEL_DIR), device=torch.device("cpu"))
-    gpu = load_model(str(BUNDLED_MODEL_DIR), device=select_device(0))
-    assert gpu.device.type == "cuda"
-    from worker.asr import infer
-
-    agree = (infer(cpu, audio).argmax(1) == infer(gpu, audio).argmax(1)).mean()
-    assert agree >= 0.99
+    clips = [decode((DATA / f"{w}.webm").read_bytes()) for w in ("marhaba", "shukran", "kitab", "madrasa")]
+    cpu = load_model(str(BUNDLED_MODEL_DIR), device=torch.device("cpu"), backend="torch-fp32")
+    gpu = load_model(str(BUNDLED_MODEL_DIR), device=select_device(0), backend="auto")
+    assert gpu.device.type == "cuda" and gpu.backend == "torch-fp16"
+    for clip, batched in zip(clips, infer_batch(gpu, clips), strict=True):
+        reference, single = infer(cpu, clip), infer(gpu, clip)
+        assert (reference.argmax(1) == single.argmax(1)).mean() >= 0.99
+        assert (single.argmax(1) == batched.argmax(1)).mean() >= 0.99

@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--init-from", type=Path, help="continue from this checkpoint (same vocabulary): no SortaGrad, SpecAugment on"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -186,7 +189,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         processor = build_processor(Path(tmp))
         labels = [processor.tokenizer(t).input_ids for t in texts]
-        model = build_model(processor, args.layers, args.hidden).to(device)
+        if args.init_from:
+            model = Wav2Vec2BertForCTC.from_pretrained(args.init_from).to(device)
+            args.augment_after = 0  # already off the all-blank plateau
+        else:
+            model = build_model(processor, args.layers, args.hidden).to(device)
         spec_augment = (model.config.mask_time_prob, model.config.mask_feature_prob)
         model.config.mask_time_prob = model.config.mask_feature_prob = 0.0  # until CTC has left the plateau
         print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
@@ -203,7 +210,7 @@ def main() -> None:
         done, epoch = False, 0
         while not done:
             epoch += 1
-            for batch in batches(lengths, args.max_frames, rng, shortest_first=epoch == 1):
+            for batch in batches(lengths, args.max_frames, rng, shortest_first=epoch == 1 and not args.init_from):
                 if step == args.augment_after:
                     model.config.mask_time_prob, model.config.mask_feature_prob = spec_augment
                 progress = max(step / args.max_steps, (time.time() - start) / (args.minutes * 60))

@@ -6,15 +6,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
+import torch
 
 from shared import keys
 from shared.config import Settings
 from shared.jobs import JobStore
-from worker.asr import LoadedModel, load_model, select_device, warm_up
+from worker.asr import LoadedModel, infer_batch, load_model, select_device, warm_up
+from worker.batching import DynamicBatcher
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +28,21 @@ class WorkerState:
     settings: Settings
     model: LoadedModel
     store: JobStore
+    batcher: DynamicBatcher | None = None  # when BATCH_MAX_SIZE > 1 (threads pool)
 
 
 _state: WorkerState | None = None  # owned by init_process(); one per worker process
+
+
+def load_configured_model(settings: Settings, device: torch.device) -> LoadedModel:
+    """The model, backend and cache the settings name (the worker and `arabic-words transcribe` both use it)."""
+    return load_model(
+        settings.ASR_MODEL,
+        device=device,
+        threads=settings.TORCH_THREADS,
+        backend=settings.ASR_BACKEND,
+        cache_dir=Path(settings.ASR_CACHE_DIR) if settings.ASR_CACHE_DIR else None,
+    )
 
 
 def init_process(settings: Settings, process_index: int = 0) -> WorkerState:
@@ -34,20 +50,32 @@ def init_process(settings: Settings, process_index: int = 0) -> WorkerState:
     global _state
     started = time.perf_counter()
     device = select_device(process_index)
-    model = load_model(settings.ASR_MODEL, device=device, threads=settings.TORCH_THREADS)
+    model = load_configured_model(settings, device)
     loaded_s = time.perf_counter() - started
-    warm_ms = warm_up(model)
+    batcher = None
+    batch_sizes: tuple[int, ...] = (1,)
+    if settings.BATCH_MAX_SIZE > 1:
+        batcher = DynamicBatcher(
+            lambda clips: infer_batch(model, clips), settings.BATCH_MAX_SIZE, settings.BATCH_WINDOW_MS / 1000
+        )
+        batch_sizes = tuple(sorted({1, min(4, settings.BATCH_MAX_SIZE), settings.BATCH_MAX_SIZE}))
+    warm_ms = warm_up(model, batch_sizes=batch_sizes)  # the shapes it will serve (GPU kernels, allocator)
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.hincrby(keys.model_loads(), f"{socket.gethostname()}:{os.getpid()}", 1)
-    _state = WorkerState(settings=settings, model=model, store=JobStore(client, settings))
+    _state = WorkerState(settings=settings, model=model, store=JobStore(client, settings), batcher=batcher)
     log.info(
-        "model ready model=%s device=%s load_s=%.2f warmup_ms=%.0f pid=%d",
-        settings.ASR_MODEL, device, loaded_s, warm_ms, os.getpid(),
+        "model ready model=%s backend=%s device=%s batch_max=%d load_s=%.2f warmup_ms=%.0f pid=%d",
+        settings.ASR_MODEL, model.backend, device, settings.BATCH_MAX_SIZE, loaded_s, warm_ms, os.getpid(),
     )  # fmt: skip
     return _state
 
 
+_init_lock = threading.Lock()
+
+
 def state() -> WorkerState:
-    if _state is None:  # e.g. a pool without worker_process_init (solo): load on first use, still once
-        return init_process(Settings())
+    if _state is None:  # a pool without worker_process_init that skipped worker_init: load on first use, once
+        with _init_lock:
+            if _state is None:
+                return init_process(Settings())
     return _state

@@ -6,28 +6,45 @@ import time
 
 from shared.schema import TranscriptionResult
 from shared.text import compare_expected
-from worker.asr import LoadedModel, transcribe_audio
+from worker.asr import LoadedModel, infer, transcribe_audio
 from worker.audio import SAMPLE_RATE, decode
+from worker.batching import BatchStats, DynamicBatcher
 
 
 def transcribe_bytes(
-    model: LoadedModel, data: bytes, *, max_audio_s: float, expected: str | None = None
+    model: LoadedModel,
+    data: bytes,
+    *,
+    max_audio_s: float,
+    expected: str | None = None,
+    batcher: DynamicBatcher | None = None,
 ) -> TranscriptionResult:
     """Decode and transcribe one upload. Raises ``worker.audio.InvalidAudio`` for bad input.
 
-    ``timings_ms`` holds decode, inference and their total; the caller adds queue time and the end-to-end total.
+    With a ``batcher`` the forward pass is shared with other jobs that arrive within its window.
+    ``timings_ms`` holds decode, batch wait and inference; the caller adds queue time and the end-to-end total.
     """
     t0 = time.perf_counter()
     audio = decode(data, max_audio_s=max_audio_s)
     t1 = time.perf_counter()
-    transcript = transcribe_audio(model, audio)
+    if batcher is None:
+        log_probs, stats = infer(model, audio), BatchStats(1, 0.0)
+    else:
+        log_probs, stats = batcher.submit(audio)
+    transcript = transcribe_audio(model, audio, log_probs=log_probs)
     t2 = time.perf_counter()
+    timings = {"decode": round((t1 - t0) * 1000, 2)}
+    if batcher is not None:
+        timings["batch_wait"] = stats.wait_ms
+    timings["inference"] = round((t2 - t1) * 1000 - stats.wait_ms, 2)
     return TranscriptionResult(
         text=transcript.text,
         confidence=transcript.confidence,
         words=transcript.words,
         duration_s=round(len(audio) / SAMPLE_RATE, 3),
         model=model.name,
-        timings_ms={"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)},
+        timings_ms=timings,
+        backend=model.backend.value,
+        batch_size=stats.size,
         expected=compare_expected(expected, transcript.text).to_dict() if expected else None,
     )

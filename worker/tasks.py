@@ -50,7 +50,9 @@ def _run(job_id: str, created_at: float, expected: str | None) -> None:
         store.fail(job_id, JobError(ErrorCode.UPLOAD_EXPIRED.value, "the upload expired before a worker took it"))
         return
     try:
-        result = transcribe_bytes(worker.model, data, max_audio_s=worker.settings.MAX_AUDIO_S, expected=expected)
+        result = transcribe_bytes(
+            worker.model, data, max_audio_s=worker.settings.MAX_AUDIO_S, expected=expected, batcher=worker.batcher
+        )
     except InvalidAudio as exc:
         code = ErrorCode.AUDIO_TOO_LONG if exc.reason == "audio_too_long" else ErrorCode.INVALID_AUDIO
         store.fail(job_id, {"code": code.value, "message": exc.message, "reason": exc.reason})

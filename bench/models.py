@@ -1,0 +1,160 @@
+"""Model benchmarks: every backend on the bundled model and on wav2vec2 base/large architectures built from their
+configs with random weights (speed does not depend on the weights; no hub needed).
+
+Each (model, backend) runs in its own process, so its peak RSS is its own:
+
+    python -m bench.models --model large --backend onnx-int8 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+WORK = HERE / "work"  # random-weight checkpoints and the ONNX cache (gitignored)
+SAMPLE_RATE = 16_000
+
+
+def reference_checkpoint(kind: str) -> Path:
+    """wav2vec2-large (XLSR-53 shape: stable layer norm, attention mask) or -base (group norm, no mask) with a
+    character vocabulary of Arabic letters and random weights, saved once under bench/work/."""
+    from shared.config import BUNDLED_MODEL_DIR
+
+    if kind == "bundled":
+        return BUNDLED_MODEL_DIR
+    path = WORK / f"wav2vec2-{kind}-random"
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    from shared.text import ARABIC_LETTERS
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2} | {c: i + 3 for i, c in enumerate(ARABIC_LETTERS)}
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), pad_token="<pad>", unk_token="<unk>")
+    large = kind == "large"
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab),
+        pad_token_id=0,
+        hidden_size=1024 if large else 768,
+        num_hidden_layers=24 if large else 12,
+        num_attention_heads=16 if large else 12,
+        intermediate_size=4096 if large else 3072,
+        feat_extract_norm="layer" if large else "group",
+        do_stable_layer_norm=large,
+        conv_bias=large,
+    )
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=SAMPLE_RATE, return_attention_mask=large)
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(config).save_pretrained(path)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def _median_s(fn, runs: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(kind: str, backend: str, threads: int, runs: int, batch_runs: int, device: str) -> dict:
+    """Load (+ warm-up) time, latency per clip length, throughput per batch size, peak RSS: one process."""
+    import torch
+
+    from bench.__main__ import speech
+    from worker.asr import infer, infer_batch, load_model, warm_up
+
+    torch.set_num_threads(threads)
+    path = reference_checkpoint(kind)
+    started = time.perf_counter()
+    model = load_model(
+        str(path), device=torch.device(device), threads=threads, backend=backend, cache_dir=WORK / "cache"
+    )
+    load_s = time.perf_counter() - started
+    warm_ms = warm_up(model)
+    out: dict = {
+        "model": kind,
+        "backend": model.backend.value,
+        "device": device,
+        "load_s": round(load_s, 2),
+        "cold_start_s": round(load_s + warm_ms / 1000, 2),
+        "latency_ms": {},
+        "throughput_audio_s_per_s": {},
+    }
+    for seconds in (1.0, 2.2, 5.0):
+        audio = speech(seconds)
+        out["latency_ms"][str(seconds)] = round(_median_s(lambda a=audio: infer(model, a), runs) * 1000, 1)
+    clip = speech(2.2)
+    for n in (1, 4, 16):
+        batch = [clip] * n
+        elapsed = _median_s(lambda b=batch: infer_batch(model, b), batch_runs)
+        out["throughput_audio_s_per_s"][str(n)] = round(n * 2.2 / elapsed, 1)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def run_isolated(kind: str, backend: str, threads: int, runs: int, batch_runs: int, device: str) -> dict:
+    """``measure`` in a fresh process (clean peak RSS, no state carried between backends)."""
+    cmd = [sys.executable, "-m", "bench.models", "--model", kind, "--backend", backend, "--threads", str(threads),
+           "--runs", str(runs), "--batch-runs", str(batch_runs), "--device", device]  # fmt: skip
+    # a first process fills the export cache, so the measured one loads as a restarted worker does
+    proc = subprocess.run([*cmd, "--prepare"], cwd=HERE.parent, capture_output=True, text=True)
+    if proc.returncode == 0:
+        proc = subprocess.run(cmd, cwd=HERE.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"model": kind, "backend": backend, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["bundled", "base", "large"], required=True)
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--batch-runs", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prepare", action="store_true", help="only load once (exports, quantizes) and exit")
+    args = parser.parse_args()
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    np.seterr(all="ignore")
+    if args.prepare:
+        import torch
+
+        from worker.asr import load_model
+
+        path = reference_checkpoint(args.model)
+        load_model(str(path), device=torch.device(args.device), threads=args.threads, backend=args.backend,
+                   cache_dir=WORK / "cache")  # fmt: skip
+        return
+    print(json.dumps(measure(args.model, args.backend, args.threads, args.runs, args.batch_runs, args.device)))
+
+
+if __name__ == "__main__":
+    main()

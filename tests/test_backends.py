@@ -1,0 +1,154 @@
+"""Inference backends: the accuracy guard (every optimized backend against torch fp32 on the fixture clips), the
+ONNX export cache, `auto`'s measured choice, and padded batches against single clips."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from shared.config import BUNDLED_MODEL_DIR
+from tests.conftest import DATA, read_transcripts, save_tiny_wav2vec2
+from worker.asr import infer, infer_batch, load_model, transcribe_audio
+from worker.audio import decode
+from worker.backends import EXPORT_FORMAT, Backend, token_agreement
+
+OPTIMIZED = [Backend.TORCH_INT8, Backend.ONNX_FP32, Backend.ONNX_INT8]
+
+
+@pytest.fixture(scope="module")
+def fixture_audio() -> dict[str, np.ndarray]:
+    return {name: decode((DATA / name).read_bytes()) for name in sorted(read_transcripts())}
+
+
+@pytest.fixture(scope="module")
+def bundled_fp32():
+    return load_model(str(BUNDLED_MODEL_DIR), backend=Backend.TORCH_FP32, threads=1)
+
+
+@pytest.fixture(scope="module")
+def outputs(bundled_fp32, fixture_audio, asr_cache_dir) -> dict[Backend, dict[str, np.ndarray]]:
+    """Every backend's log-posteriors for every fixture clip, on the bundled model."""
+    out = {Backend.TORCH_FP32: {name: infer(bundled_fp32, audio) for name, audio in fixture_audio.items()}}
+    for backend in OPTIMIZED:
+        model = load_model(str(BUNDLED_MODEL_DIR), backend=backend, cache_dir=asr_cache_dir, threads=1)
+        assert model.backend is backend
+        out[backend] = {name: infer(model, audio) for name, audio in fixture_audio.items()}
+    return out
+
+
+@pytest.mark.parametrize("backend", OPTIMIZED)
+def test_optimized_backend_agrees_with_fp32_on_the_fixture_clips(backend, outputs):
+    agreeing = frames = 0
+    for name, reference in outputs[Backend.TORCH_FP32].items():
+        candidate = outputs[backend][name]
+        assert candidate.shape == reference.shape, name
+        agreeing += int((reference.argmax(1) == candidate.argmax(1)).sum())
+        frames += len(reference)
+    assert agreeing / frames >= 0.99
+
+
+@pytest.mark.parametrize("backend", OPTIMIZED)
+def test_optimized_backend_keeps_the_bundled_models_transcripts(backend, outputs, bundled_fp32, fixture_audio):
+    changed = [
+        name
+        for name, audio in fixture_audio.items()
+        if transcribe_audio(bundled_fp32, audio, outputs[backend][name]).text
+        != transcribe_audio(bundled_fp32, audio, outputs[Backend.TORCH_FP32][name]).text
+    ]
+    assert changed == []
+
+
+@pytest.mark.parametrize("mask_safe", [True, False], ids=["large-style", "base-style"])
+@pytest.mark.parametrize("backend", OPTIMIZED)
+def test_wav2vec2_checkpoints_run_on_every_backend(tmp_path, backend, mask_safe):
+    path = save_tiny_wav2vec2(tmp_path / "ckpt", mask_safe=mask_safe)
+    audio = (np.random.default_rng(1).standard_normal(24_000) * 0.1).astype(np.float32)
+    reference = infer(load_model(str(path), backend=Backend.TORCH_FP32), audio)
+    model = load_model(str(path), backend=backend, cache_dir=tmp_path / "cache")
+    candidate = infer(model, audio)
+    assert candidate.shape == reference.shape
+    assert np.isfinite(candidate).all()
+    if backend is Backend.ONNX_FP32:  # same arithmetic, another runtime
+        np.testing.assert_allclose(candidate, reference, atol=1e-3)
+    else:  # random weights give near-uniform posteriors, so argmax agreement means little; stay close
+        assert np.abs(np.exp(candidate) - np.exp(reference)).max() < 0.1
+
+
+def test_onnx_export_is_cached_by_checkpoint_content(tmp_path):
+    path = save_tiny_wav2vec2(tmp_path / "ckpt")
+    cache = tmp_path / "cache"
+    load_model(str(path), backend=Backend.ONNX_INT8, cache_dir=cache)
+    (export_dir,) = [p for p in cache.iterdir() if p.name.endswith(EXPORT_FORMAT)]
+    files = {p.name: p.stat().st_mtime_ns for p in export_dir.glob("*.onnx")}
+    assert set(files) == {"model-fp32.onnx", "model-int8.onnx"}
+
+    load_model(str(path), backend=Backend.ONNX_INT8, cache_dir=cache)  # a restart: nothing is exported again
+    assert {p.name: p.stat().st_mtime_ns for p in export_dir.glob("*.onnx")} == files
+
+    copy = shutil.copytree(path, tmp_path / "same-weights-elsewhere")
+    load_model(str(copy), backend=Backend.ONNX_FP32, cache_dir=cache)  # same content, same export
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+
+    torch.manual_seed(7)  # new weights, same directory: a new hash and a new export
+    from transformers import Wav2Vec2ForCTC
+
+    Wav2Vec2ForCTC(Wav2Vec2ForCTC.from_pretrained(path).config).save_pretrained(path)
+    load_model(str(path), backend=Backend.ONNX_FP32, cache_dir=cache)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+
+def test_auto_measures_once_and_reuses_its_choice(tmp_path):
+    path = save_tiny_wav2vec2(tmp_path / "ckpt")
+    first = load_model(str(path), backend=Backend.AUTO, cache_dir=tmp_path / "cache")
+    measured = first.calibration["measured"]
+    assert set(measured) == {b.value for b in OPTIMIZED} | {Backend.TORCH_FP32.value}
+    assert first.backend.value == first.calibration["choice"]
+    assert measured[first.backend.value]["agreement"] >= 0.99
+    assert measured[first.backend.value]["same_transcript"]
+    accurate = [b for b, m in measured.items() if m["agreement"] >= 0.99 and m["same_transcript"]]
+    fastest_accurate = min(accurate, key=lambda b: measured[b]["median_ms"])
+    assert first.backend.value == fastest_accurate
+    (stored,) = (tmp_path / "cache").glob(f"*-{EXPORT_FORMAT}/auto.json")
+    assert [d["choice"] for d in json.loads(stored.read_text()).values()] == [first.backend.value]
+
+    again = load_model(str(path), backend=Backend.AUTO, cache_dir=tmp_path / "cache")
+    assert again.calibration is None and again.backend is first.backend
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_fp16_without_a_gpu_falls_back_to_fp32(tiny_wav2vec2):
+    assert load_model(str(tiny_wav2vec2), backend="torch-fp16").backend is Backend.TORCH_FP32
+
+
+def test_unknown_backend_is_refused(tiny_wav2vec2):
+    with pytest.raises(ValueError):
+        load_model(str(tiny_wav2vec2), backend="tensorrt")
+
+
+@pytest.mark.parametrize("backend", [Backend.TORCH_FP32, Backend.ONNX_FP32])
+def test_padded_batch_matches_single_clips(backend, fixture_audio, asr_cache_dir):
+    model = load_model(str(BUNDLED_MODEL_DIR), backend=backend, cache_dir=asr_cache_dir, threads=1)
+    clips = list(fixture_audio.values())[:6]  # different lengths: the shorter ones are padded
+    assert len({len(c) for c in clips}) > 1
+    for single, batched in zip((infer(model, c) for c in clips), infer_batch(model, clips), strict=True):
+        assert batched.shape == single.shape
+        np.testing.assert_allclose(batched, single, atol=1e-3)
+
+
+def test_models_without_attention_masks_are_batched_by_length(tmp_path):
+    model = load_model(str(save_tiny_wav2vec2(tmp_path / "ckpt", mask_safe=False)))
+    rng = np.random.default_rng(2)
+    clips = [(rng.standard_normal(n) * 0.1).astype(np.float32) for n in (16_000, 24_000, 16_000)]
+    for single, batched in zip((infer(model, c) for c in clips), infer_batch(model, clips), strict=True):
+        np.testing.assert_allclose(batched, single, atol=1e-4)
+
+
+def test_token_agreement():
+    a = np.log(np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]))
+    assert token_agreement(a, a) == 1.0
+    assert token_agreement(a, a[:, ::-1]) == 0.0
+    assert token_agreement(a, a[:2]) == 1.0

@@ -1,0 +1,358 @@
+"""Inference backends for a CTC checkpoint: torch fp32 / dynamic int8 / fp16 (CUDA) and ONNX Runtime fp32 / int8.
+
+Every backend is a ``Runner``: padded model inputs (numpy, as the feature extractor returns them) in, float32
+logits ``(batch, frames, vocab)`` and each item's valid frame count out. ONNX models are exported from the
+checkpoint once (torch.export based exporter) and quantized once, then cached under
+``<cache_dir>/<checkpoint hash>/``; later process starts load the cached files.
+
+``auto`` means torch fp16 on a GPU. On the CPU it is measured once per checkpoint and machine (latency on 2.2 s of
+audio; agreement with fp32 on a speech clip): the fastest backend whose transcript of the clip is fp32's and whose
+frame labels agree with fp32's on >= 99% of frames.
+The choice is cached beside the exports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "onnx-dynamo-v1"  # part of the cache key: change it when the export recipe changes
+MIN_TOKEN_AGREEMENT = 0.99
+CALIBRATION_CLIP = Path(__file__).parent / "data" / "calibration.flac"
+
+
+class Backend(StrEnum):
+    AUTO = "auto"
+    TORCH_FP32 = "torch-fp32"
+    TORCH_INT8 = "torch-int8"
+    TORCH_FP16 = "torch-fp16"  # CUDA only
+    ONNX_FP32 = "onnx-fp32"
+    ONNX_INT8 = "onnx-int8"
+
+
+CPU_BACKENDS = (Backend.TORCH_FP32, Backend.TORCH_INT8, Backend.ONNX_FP32, Backend.ONNX_INT8)
+
+
+class Runner(Protocol):
+    backend: Backend
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class _CTCWithLengths(torch.nn.Module):
+    """The checkpoint's forward pass returning logits and each item's valid frame count (for padded batches)."""
+
+    def __init__(self, model: torch.nn.Module, input_name: str) -> None:
+        super().__init__()
+        self.model = model
+        self.input_name = input_name  # input_values (raw waveform) or input_features (filterbanks)
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(**{self.input_name: inputs}, attention_mask=mask).logits
+        if mask is None:
+            frames = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long, device=logits.device)
+        else:
+            frames = self.model._get_feat_extract_output_lengths(mask.sum(-1)).to(torch.long)
+        return logits, frames
+
+
+class TorchRunner:
+    def __init__(self, model: torch.nn.Module, device: torch.device, backend: Backend) -> None:
+        self.model = model
+        self.device = device
+        self.backend = backend
+
+    @torch.inference_mode()
+    def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        wrapped = _CTCWithLengths(self.model, _main_input(inputs))
+        tensors = [torch.from_numpy(inputs[_main_input(inputs)]).to(self.device)]
+        if "attention_mask" in inputs:
+            tensors.append(torch.from_numpy(inputs["attention_mask"]).to(self.device))
+        if self.backend is Backend.TORCH_FP16:
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits, frames = wrapped(*tensors)
+        else:
+            logits, frames = wrapped(*tensors)
+        return logits.float().cpu().numpy(), frames.cpu().numpy()
+
+
+def _main_input(inputs: dict[str, np.ndarray]) -> str:
+    return "input_features" if "input_features" in inputs else "input_values"
+
+
+class OnnxRunner:
+    def __init__(self, path: Path, threads: int, backend: Backend) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.backend = backend
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        feed = {k: v for k, v in inputs.items() if k in self.input_names}
+        if "attention_mask" in feed:
+            feed["attention_mask"] = feed["attention_mask"].astype(np.int64)
+        logits, frames = self.session.run(["logits", "frames"], feed)
+        return logits, frames
+
+
+# -- checkpoint identity and the export cache ---------------------------------------------------------------
+
+
+def checkpoint_hash(name_or_path: str, model: torch.nn.Module | None, cache_dir: Path) -> str:
+    """Content hash of a checkpoint. A local directory's files are hashed once and remembered by their
+    (size, mtime) so a restart does not reread a large checkpoint; anything else hashes the loaded weights."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"})
+        signature = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+        memo_file = cache_dir / "checkpoint-hashes.json"
+        memo = _read_json(memo_file)
+        key = str(path.resolve())
+        if memo.get(key, {}).get("signature") == signature:
+            return memo[key]["hash"]
+        digest = hashlib.blake2b(digest_size=16)
+        for p in files:
+            digest.update(p.name.encode())
+            with p.open("rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        value = digest.hexdigest()
+        with _locked(cache_dir):
+            memo = _read_json(memo_file)
+            memo[key] = {"signature": signature, "hash": value}
+            _write_json(memo_file, memo)
+        return value
+    if model is None:
+        raise ValueError("a checkpoint that is not a local directory is hashed from its loaded weights")
+    digest = hashlib.blake2b(model.config.to_json_string().encode(), digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path, name: str = ".lock") -> Iterator[None]:
+    """Several worker processes may start at once: one exports, the others wait and reuse its files.
+    (flock locks are per open file: never nest two holds of the same ``name`` in one process.)"""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / name).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def onnx_paths(cache_dir: Path, checkpoint: str) -> dict[Backend, Path]:
+    base = cache_dir / f"{checkpoint}-{EXPORT_FORMAT}"
+    return {Backend.ONNX_FP32: base / "model-fp32.onnx", Backend.ONNX_INT8: base / "model-int8.onnx"}
+
+
+def ensure_onnx(
+    backend: Backend,
+    cache_dir: Path,
+    checkpoint: str,
+    load_eager_model: Callable[[], torch.nn.Module],
+    example: dict[str, np.ndarray],
+) -> Path:
+    """The cached ONNX file for ``backend``, exporting (and quantizing) it first if it is not there yet."""
+    paths = onnx_paths(cache_dir, checkpoint)
+    target = paths[backend]
+    if target.exists():
+        return target
+    with _locked(target.parent):
+        if target.exists():  # another process finished it while we waited
+            return target
+        fp32 = paths[Backend.ONNX_FP32]
+        if not fp32.exists():
+            started = time.perf_counter()
+            _export(load_eager_model(), example, fp32)
+            log.info("onnx export done path=%s seconds=%.1f", fp32, time.perf_counter() - started)
+        if backend is Backend.ONNX_INT8:
+            started = time.perf_counter()
+            tmp = target.with_suffix(f".tmp{os.getpid()}.onnx")
+            _quantize_onnx_dynamic(fp32, tmp)
+            os.replace(tmp, target)
+            log.info("onnx int8 quantization done path=%s seconds=%.1f", target, time.perf_counter() - started)
+    return target
+
+
+def quantize_torch_dynamic(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 for every Linear layer but the CTC head: per-channel weight scales, the head (whose
+    argmax is the transcript) in fp32. Per-tensor scales, or a quantized head, flipped letters on the fixtures."""
+    import warnings
+
+    spec = {
+        name: torch.ao.quantization.per_channel_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.out_features != model.config.vocab_size
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice, once per process
+        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def _quantize_onnx_dynamic(fp32: Path, out: Path) -> None:
+    """ONNX Runtime dynamic int8, the same recipe as ``quantize_torch_dynamic``: per-channel weights, the CTC
+    head (the MatMul whose weight produces the vocabulary dimension) left in fp32."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(fp32, load_external_data=False).graph
+    vocab = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim[-1].dim_value
+    weights = {init.name: list(init.dims) for init in graph.initializer}
+    head = [
+        node.name
+        for node in graph.node
+        if node.op_type in ("MatMul", "Gemm") and any(weights.get(i, [None])[-1] == vocab for i in node.input)
+    ]
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the quantizer logs every tensor it skips on the root logger
+    try:
+        quantize_dynamic(
+            fp32,
+            out,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=head,
+            extra_options={"ActivationSymmetric": True},  # int8 x int8; asymmetric uint8 flipped fixture letters
+        )
+    finally:
+        logging.disable(previous)
+
+
+def _export(model: torch.nn.Module, example: dict[str, np.ndarray], out: Path) -> None:
+    name = _main_input(example)
+    batch = torch.export.Dim("batch", min=1, max=256)
+    length = torch.export.Dim("length", min=8, max=16_000 * 600)
+    args: tuple[torch.Tensor, ...] = (torch.from_numpy(example[name]),)
+    names = [name]
+    if "attention_mask" in example:
+        args += (torch.from_numpy(example["attention_mask"]).long(),)
+        names.append("attention_mask")
+    tmp = out.with_suffix(f".tmp{os.getpid()}.onnx")
+    import warnings
+
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _CTCWithLengths(model, name).eval(),
+            args,
+            tmp,
+            dynamo=True,
+            input_names=names,
+            output_names=["logits", "frames"],
+            dynamic_shapes=tuple({0: batch, 1: length} for _ in names),
+            external_data=False,
+            verbose=False,
+        )
+    os.replace(tmp, out)
+
+
+# -- choosing a backend ---------------------------------------------------------------------------------------
+
+
+def ctc_labels(log_probs: np.ndarray, blank_id: int) -> list[int]:
+    """The greedy CTC label sequence (repeats collapsed, blanks dropped): equal labels, equal transcript."""
+    best = log_probs.argmax(-1)
+    keep = np.concatenate([[True], best[1:] != best[:-1]]) & (best != blank_id)
+    return best[keep].tolist()
+
+
+def token_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Share of frames whose argmax label is the same (both ``(frames, vocab)``)."""
+    n = min(len(reference), len(candidate))
+    if n == 0:
+        return 1.0
+    return float((reference[:n].argmax(-1) == candidate[:n].argmax(-1)).mean())
+
+
+def calibrate(
+    runners: dict[Backend, Runner],
+    speed_inputs: dict[str, np.ndarray],
+    speech_inputs: dict[str, np.ndarray],
+    blank_id: int,
+    runs: int = 7,
+) -> dict:
+    """Median latency of every runner, its token agreement with torch fp32 and whether its transcript of the
+    speech clip is the same; the choice is the fastest one with the same transcript and at least
+    ``MIN_TOKEN_AGREEMENT`` of the frames agreeing."""
+    reference = runners[Backend.TORCH_FP32](speech_inputs)[0][0]
+    measured = {}
+    for backend, runner in runners.items():
+        output = runner(speech_inputs)[0][0]
+        same_transcript = ctc_labels(output, blank_id) == ctc_labels(reference, blank_id)
+        runner(speed_inputs)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            runner(speed_inputs)
+            times.append(time.perf_counter() - start)
+        measured[backend.value] = {
+            "median_ms": round(statistics.median(times) * 1000, 2),
+            "agreement": round(token_agreement(reference, output), 4),
+            "same_transcript": same_transcript,
+        }
+    accurate = [b for b, m in measured.items() if m["agreement"] >= MIN_TOKEN_AGREEMENT and m["same_transcript"]]
+    choice = min(accurate, key=lambda b: measured[b]["median_ms"])
+    return {"choice": choice, "measured": measured}
+
+
+def cached_choice(cache_dir: Path, checkpoint: str, machine: str) -> str | None:
+    return _read_json(cache_dir / f"{checkpoint}-{EXPORT_FORMAT}" / "auto.json").get(machine, {}).get("choice")
+
+
+def store_choice(cache_dir: Path, checkpoint: str, machine: str, decision: dict) -> None:
+    path = cache_dir / f"{checkpoint}-{EXPORT_FORMAT}" / "auto.json"
+    data = _read_json(path)
+    data[machine] = decision
+    _write_json(path, data)
+
+
+def calibration_lock(cache_dir: Path, checkpoint: str) -> contextlib.AbstractContextManager:
+    """Held while ``auto`` measures: one process measures (on a quiet machine), the others reuse its choice."""
+    return _locked(cache_dir / f"{checkpoint}-{EXPORT_FORMAT}", ".calibrate.lock")
+
+
+def machine_key(threads: int) -> str:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu} | {os.cpu_count()} cpus | {threads or torch.get_num_threads()} threads | torch {torch.__version__}"
