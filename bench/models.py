@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -68,22 +67,11 @@ def reference_checkpoint(kind: str) -> Path:
     return path
 
 
-def _median_s(fn, runs: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(kind: str, backend: str, threads: int, runs: int, batch_runs: int, device: str) -> dict:
     """Load (+ warm-up) time, latency per clip length, throughput per batch size, peak RSS: one process."""
     import torch
 
-    from bench.__main__ import speech
+    from bench.__main__ import median_ms, speech
     from worker.asr import infer, infer_batch, load_model, warm_up
 
     torch.set_num_threads(threads)
@@ -105,11 +93,11 @@ def measure(kind: str, backend: str, threads: int, runs: int, batch_runs: int, d
     }
     for seconds in (1.0, 2.2, 5.0):
         audio = speech(seconds)
-        out["latency_ms"][str(seconds)] = round(_median_s(lambda a=audio: infer(model, a), runs) * 1000, 1)
+        out["latency_ms"][str(seconds)] = round(median_ms(lambda a=audio: infer(model, a), runs, warmup=1), 1)
     clip = speech(2.2)
     for n in (1, 4, 16):
         batch = [clip] * n
-        elapsed = _median_s(lambda b=batch: infer_batch(model, b), batch_runs)
+        elapsed = median_ms(lambda b=batch: infer_batch(model, b), batch_runs, warmup=1) / 1000
         out["throughput_audio_s_per_s"][str(n)] = round(n * 2.2 / elapsed, 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
