@@ -124,15 +124,31 @@ def test_zero_length():
     assert _reason(_wav(np.zeros(0, np.float32))) == "zero_length"
 
 
-def test_silent():
-    assert _reason(_wav(np.zeros(SAMPLE_RATE, np.float32))) == "silent"
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 44_100])
+def test_silent(rate):
+    assert _reason(_wav(np.zeros(rate, np.float32), rate)) == "silent"
 
 
+def test_too_few_samples_to_resample_is_zero_length():
+    assert _reason(_wav(np.full(1, 0.5, np.float32), 48_000)) == "zero_length"
+
+
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 44_100, 48_000])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite(bad):
-    samples = np.full(SAMPLE_RATE, 0.1, np.float32)
-    samples[100] = bad
-    assert _reason(_wav(samples, subtype="FLOAT")) == "non_finite"
+@pytest.mark.parametrize("where", [0, 100, -1])
+def test_non_finite(bad, rate, where):
+    """Checked after resampling, so a lone bad sample at either end must still be caught through the filter."""
+    samples = np.full(rate, 0.1, np.float32)
+    samples[where] = bad
+    assert _reason(_wav(samples, rate, subtype="FLOAT")) == "non_finite"
+
+
+def test_wav_header_without_a_decodable_codec():
+    """Found by the fuzzer: PCM with 0 bits per sample; libsndfile refuses it and FFmpeg opens a stream without a
+    decoder (no codec context at all)."""
+    fmt = struct.pack("<HHIIHH", 1, 2, 68, 0, 0, 0)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", 4000) + bytes(4000)
+    assert _reason(b"RIFF" + struct.pack("<I", len(body)) + body) == "unsupported_codec"
 
 
 def test_no_audio_stream():

@@ -143,6 +143,8 @@ def _decode_ffmpeg(data: bytes, container: str, max_audio_s: float) -> tuple[np.
             if not streams:
                 raise InvalidAudio("no_audio_stream", "the file has no audio stream")
             stream = streams[0]
+            if stream.codec_context is None:  # FFmpeg has no decoder for it (e.g. a WAV header with 0 bits/sample)
+                raise InvalidAudio("unsupported_codec", "the audio codec is unknown")
             if stream.codec_context.name not in _CODECS:
                 raise InvalidAudio("unsupported_codec", f"audio codec {stream.codec_context.name!r} is not accepted")
             for frame in demuxer.decode(stream):
@@ -211,10 +213,16 @@ def _downmix(channels_first: np.ndarray) -> np.ndarray:
 def _finish(audio: np.ndarray, rate: int) -> np.ndarray:
     if audio.size == 0:
         raise InvalidAudio("zero_length", "the file contains no audio samples")
-    if not np.isfinite(audio).all():
-        raise InvalidAudio("non_finite", "the audio contains NaN or infinite samples")
-    if float(np.max(np.abs(audio))) < _SILENCE_PEAK:
-        raise InvalidAudio("silent", "the audio is silent")
     if rate != SAMPLE_RATE:
+        # Resample first and check the 16 kHz result: a third of the samples at 48 kHz, and NaN or Inf anywhere in
+        # the input still turns the output around it into NaN.
         audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+        if audio.size == 0:
+            raise InvalidAudio("zero_length", "the file contains too few samples to resample")
+    # max and min propagate NaN and Inf: two passes without the temporaries of isfinite() and abs()
+    high, low = float(audio.max()), float(audio.min())
+    if not (math.isfinite(high) and math.isfinite(low)):
+        raise InvalidAudio("non_finite", "the audio contains NaN or infinite samples")
+    if max(high, -low) < _SILENCE_PEAK:
+        raise InvalidAudio("silent", "the audio is silent")
     return np.ascontiguousarray(audio, dtype=np.float32)
