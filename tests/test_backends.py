@@ -12,9 +12,10 @@ import torch
 
 from shared.config import BUNDLED_MODEL_DIR
 from tests.conftest import DATA, read_transcripts, save_tiny_wav2vec2
+from worker import backends
 from worker.asr import infer, infer_batch, load_model, transcribe_audio
 from worker.audio import decode
-from worker.backends import EXPORT_FORMAT, Backend, token_agreement
+from worker.backends import EXPORT_FORMAT, Backend, int8_recipe, token_agreement
 
 OPTIMIZED = [Backend.TORCH_INT8, Backend.ONNX_FP32, Backend.ONNX_INT8]
 
@@ -99,7 +100,7 @@ def test_onnx_export_is_cached_by_checkpoint_content(tmp_path):
     load_model(str(path), backend=Backend.ONNX_INT8, cache_dir=cache)
     (export_dir,) = [p for p in cache.iterdir() if p.name.endswith(EXPORT_FORMAT)]
     files = {p.name: p.stat().st_mtime_ns for p in export_dir.glob("*.onnx")}
-    assert set(files) == {"model-fp32.onnx", "model-int8.onnx"}
+    assert set(files) == {"model-fp32.onnx", f"model-int8-{int8_recipe()}.onnx"}
 
     load_model(str(path), backend=Backend.ONNX_INT8, cache_dir=cache)  # a restart: nothing is exported again
     assert {p.name: p.stat().st_mtime_ns for p in export_dir.glob("*.onnx")} == files
@@ -114,6 +115,28 @@ def test_onnx_export_is_cached_by_checkpoint_content(tmp_path):
     Wav2Vec2ForCTC(Wav2Vec2ForCTC.from_pretrained(path).config).save_pretrained(path)
     load_model(str(path), backend=Backend.ONNX_FP32, cache_dir=cache)
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+
+@pytest.mark.parametrize("recipe", ["u8u8", "s8s8"])
+def test_both_int8_recipes_run_and_stay_close_to_fp32(tmp_path, monkeypatch, recipe):
+    """The recipe follows the CPU (``int8_recipe``); CI has one kind of CPU, so force each in turn."""
+    monkeypatch.setattr(backends, "int8_recipe", lambda: recipe)
+    path = save_tiny_wav2vec2(tmp_path / "ckpt")
+    audio = (np.random.default_rng(2).standard_normal(24_000) * 0.1).astype(np.float32)
+    reference = infer(load_model(str(path), backend=Backend.TORCH_FP32), audio)
+    model = load_model(str(path), backend=Backend.ONNX_INT8, cache_dir=tmp_path / "cache")
+    (int8_file,) = (tmp_path / "cache").glob("*/model-int8-*.onnx")
+    assert int8_file.name == f"model-int8-{recipe}.onnx"
+    assert np.abs(np.exp(infer(model, audio)) - np.exp(reference)).max() < 0.1
+
+
+@pytest.mark.parametrize(
+    ("flags", "recipe"),
+    [({"avx2", "fma"}, "u8u8"), ({"avx2", "avx512_vnni"}, "s8s8"), ({"avx2", "avx_vnni"}, "s8s8"), (set(), "s8s8")],
+)
+def test_int8_recipe_follows_the_cpu(monkeypatch, flags, recipe):
+    monkeypatch.setattr(backends, "_cpu_info", lambda: ("some cpu", flags))
+    assert int8_recipe() == recipe
 
 
 def test_auto_measures_once_and_reuses_its_choice(tmp_path):

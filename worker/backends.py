@@ -177,9 +177,37 @@ def _locked(directory: Path, name: str = ".lock") -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def onnx_paths(cache_dir: Path, checkpoint: str) -> dict[Backend, Path]:
+def onnx_paths(cache_dir: Path, checkpoint: str, recipe: str | None = None) -> dict[Backend, Path]:
+    """The cached exports; the int8 file is named by its recipe (the cache may be shared by different CPUs)."""
     base = cache_dir / f"{checkpoint}-{EXPORT_FORMAT}"
-    return {Backend.ONNX_FP32: base / "model-fp32.onnx", Backend.ONNX_INT8: base / "model-int8.onnx"}
+    return {
+        Backend.ONNX_FP32: base / "model-fp32.onnx",
+        Backend.ONNX_INT8: base / f"model-int8-{recipe or int8_recipe()}.onnx",
+    }
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    """(model name, feature flags) from /proc/cpuinfo; ("unknown", set()) where there is none."""
+    name, flags = "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    return name, flags
+
+
+def int8_recipe() -> str:
+    """ONNX Runtime's fast integer kernels depend on the CPU. x86 with AVX2 but no VNNI: uint8 activations x uint8
+    weights, per-tensor (`make bench`, 2 cores: wav2vec2-base 2.2 s 150 ms vs 280 ms for int8 weights and 200 ms
+    fp32; large 355 / 432 / 497 ms). Elsewhere (VNNI, ARM): int8 x int8 with per-channel weight scales, the recipe
+    that kept every fixture transcript (not timed here: no such CPU was available)."""
+    _, flags = _cpu_info()
+    if "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}:
+        return "u8u8"
+    return "s8s8"
 
 
 def ensure_onnx(
@@ -205,7 +233,7 @@ def ensure_onnx(
         if backend is Backend.ONNX_INT8:
             started = time.perf_counter()
             tmp = target.with_suffix(f".tmp{os.getpid()}.onnx")
-            _quantize_onnx_dynamic(fp32, tmp)
+            _quantize_onnx_dynamic(fp32, tmp, int8_recipe())
             os.replace(tmp, target)
             log.info("onnx int8 quantization done path=%s seconds=%.1f", target, time.perf_counter() - started)
     return target
@@ -226,9 +254,9 @@ def quantize_torch_dynamic(model: torch.nn.Module) -> torch.nn.Module:
         return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
-def _quantize_onnx_dynamic(fp32: Path, out: Path) -> None:
-    """ONNX Runtime dynamic int8, the same recipe as ``quantize_torch_dynamic``: per-channel weights, the CTC
-    head (the MatMul whose weight produces the vocabulary dimension) left in fp32."""
+def _quantize_onnx_dynamic(fp32: Path, out: Path, recipe: str) -> None:
+    """ONNX Runtime dynamic int8 (MatMul and Conv) by ``recipe`` (see ``int8_recipe``), the CTC head (the MatMul
+    whose weight produces the vocabulary dimension) left in fp32 as in ``quantize_torch_dynamic``."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -240,17 +268,16 @@ def _quantize_onnx_dynamic(fp32: Path, out: Path) -> None:
         for node in graph.node
         if node.op_type in ("MatMul", "Gemm") and any(weights.get(i, [None])[-1] == vocab for i in node.input)
     ]
+    options = {
+        # per-channel uint8 weights flipped two fixture transcripts; per-tensor ones flipped none
+        "u8u8": {"weight_type": QuantType.QUInt8, "per_channel": False},
+        # symmetric int8 activations: asymmetric uint8 ones flipped fixture letters with an earlier bundled model
+        "s8s8": {"weight_type": QuantType.QInt8, "per_channel": True, "extra_options": {"ActivationSymmetric": True}},
+    }[recipe]
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantizer logs every tensor it skips on the root logger
     try:
-        quantize_dynamic(
-            fp32,
-            out,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            nodes_to_exclude=head,
-            extra_options={"ActivationSymmetric": True},  # int8 x int8; asymmetric uint8 flipped fixture letters
-        )
+        quantize_dynamic(fp32, out, nodes_to_exclude=head, **options)
     finally:
         logging.disable(previous)
 
@@ -349,10 +376,8 @@ def calibration_lock(cache_dir: Path, checkpoint: str) -> contextlib.AbstractCon
 
 
 def machine_key(threads: int) -> str:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu} | {os.cpu_count()} cpus | {threads or torch.get_num_threads()} threads | torch {torch.__version__}"
+    cpu, _ = _cpu_info()
+    return (
+        f"{cpu} | {os.cpu_count()} cpus | {threads or torch.get_num_threads()} threads | torch {torch.__version__}"
+        f" | int8 {int8_recipe()}"
+    )
