@@ -53,7 +53,8 @@ def test_postprocess_collapses_repeats_and_splits_words():
     assert [w.word for w in out.words] == ["كتاب", "با"]
     assert out.words[0].start == pytest.approx(0.02) and out.words[0].end == pytest.approx(0.16)
     assert out.words[1].start == pytest.approx(0.20) and out.words[1].end == pytest.approx(0.24)
-    assert out.confidence == pytest.approx(0.9, abs=1e-4)
+    assert out.words[1].confidence == pytest.approx(0.9**2, abs=1e-4)
+    assert out.confidence == pytest.approx(0.9**4, abs=1e-4)  # the weakest word: four letters at 0.9
 
 
 def test_postprocess_double_letters_need_a_blank_between():
@@ -61,13 +62,13 @@ def test_postprocess_double_letters_need_a_blank_between():
     assert out.text == "بب"
 
 
-def test_postprocess_confidence_is_the_weakest_letter():
+def test_postprocess_word_confidence_is_the_product_of_its_letters():
     log_probs = _log_probs([3, 0, 4], len(VOCAB))
     log_probs[2] = np.log(np.full(len(VOCAB), 0.1))
     log_probs[2, 4] = np.log(0.4)
     out = postprocess(log_probs, VOCAB, blank_id=0, frame_s=0.02)
     assert out.text == "كت"
-    assert out.words[0].confidence == pytest.approx(0.4, abs=1e-3)
+    assert out.words[0].confidence == pytest.approx(0.9 * 0.4, abs=1e-3)
 
 
 def test_postprocess_all_blank_is_empty_text():

@@ -167,7 +167,7 @@ def test_unknown_backend_is_refused(tiny_wav2vec2):
         load_model(str(tiny_wav2vec2), backend="tensorrt")
 
 
-@pytest.mark.parametrize("backend", [Backend.TORCH_FP32, Backend.ONNX_FP32])
+@pytest.mark.parametrize("backend", [Backend.TORCH_FP32, Backend.ONNX_FP32, Backend.TORCH_INT8, Backend.ONNX_INT8])
 def test_padded_batch_matches_single_clips(backend, fixture_audio, asr_cache_dir):
     model = load_model(str(BUNDLED_MODEL_DIR), backend=backend, cache_dir=asr_cache_dir, threads=1)
     clips = list(fixture_audio.values())[:6]  # different lengths: the shorter ones are padded
