@@ -177,12 +177,12 @@ def _locked(directory: Path, name: str = ".lock") -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def onnx_paths(cache_dir: Path, checkpoint: str, recipe: str | None = None) -> dict[Backend, Path]:
+def onnx_paths(cache_dir: Path, checkpoint: str) -> dict[Backend, Path]:
     """The cached exports; the int8 file is named by its recipe (the cache may be shared by different CPUs)."""
     base = cache_dir / f"{checkpoint}-{EXPORT_FORMAT}"
     return {
         Backend.ONNX_FP32: base / "model-fp32.onnx",
-        Backend.ONNX_INT8: base / f"model-int8-{recipe or int8_recipe()}.onnx",
+        Backend.ONNX_INT8: base / f"model-int8-{int8_recipe()}.onnx",
     }
 
 
