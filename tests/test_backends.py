@@ -135,7 +135,7 @@ def test_both_int8_recipes_run_and_stay_close_to_fp32(tmp_path, monkeypatch, rec
     [({"avx2", "fma"}, "u8u8"), ({"avx2", "avx512_vnni"}, "s8s8"), ({"avx2", "avx_vnni"}, "s8s8"), (set(), "s8s8")],
 )
 def test_int8_recipe_follows_the_cpu(monkeypatch, flags, recipe):
-    monkeypatch.setattr(backends, "_cpu_info", lambda: ("some cpu", flags))
+    monkeypatch.setattr(backends, "_cpu_info", lambda: ("some cpu", frozenset(flags)))
     assert int8_recipe() == recipe
 
 

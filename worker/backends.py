@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -186,16 +187,18 @@ def onnx_paths(cache_dir: Path, checkpoint: str) -> dict[Backend, Path]:
     }
 
 
-def _cpu_info() -> tuple[str, set[str]]:
-    """(model name, feature flags) from /proc/cpuinfo; ("unknown", set()) where there is none."""
-    name, flags = "unknown", set()
+@functools.cache
+def _cpu_info() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) from /proc/cpuinfo; ("unknown", frozenset()) where there is none. Read once per
+    process: onnx_paths, ensure_onnx and machine_key all ask."""
+    name, flags = "unknown", frozenset[str]()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and name == "unknown":
                 name = value.strip()
             elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+                flags = frozenset(value.split())
     return name, flags
 
 
