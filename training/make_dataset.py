@@ -119,7 +119,11 @@ def main() -> None:
     parser.add_argument("--dictionary", type=Path, default=Path("/usr/share/hunspell/ar.dic"))
     parser.add_argument("--train-clips", type=int, default=30_000)
     parser.add_argument("--eval-clips", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="picks the held-out words and voices")
+    parser.add_argument(
+        "--train-seed", type=int, help="seed of the training clips (default: --seed); a new one gives fresh clips "
+        "with the same held-out split, for continuing a checkpoint"
+    )
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +139,8 @@ def main() -> None:
     # the same unseen words by voices heard in training: separates "new word" from "new voice" errors
     seen = [v for v in split["train_voices"] if v]
     build_eval(args.out / "eval-seen-voices", split["eval_words"], seen, args.eval_clips * 3 // 5, seed=7)
-    build_train(args.out, split["train_words"], split["train_voices"], args.train_clips, args.seed)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
+    build_train(args.out, split["train_words"], split["train_voices"], args.train_clips, train_seed)
 
 
 if __name__ == "__main__":
