@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -118,6 +119,64 @@ def test_truncated():
     assert _reason(wav[: len(wav) // 2]) == "truncated"
     assert _reason((DATA / "kitab.webm").read_bytes()[:150]) in ("corrupt", "truncated")
     assert _reason((DATA / "kitab.m4a").read_bytes()[:300]) in ("corrupt", "truncated")
+
+
+@pytest.mark.parametrize("name", ["kitab.webm", "kitab.ogg", "sabah_alkhayr.webm"])
+@pytest.mark.parametrize("share", [0.3, 0.6, 0.9])
+def test_cut_off_opus_is_truncated_not_half_transcribed(name, share):
+    """Matroska's demuxer stops quietly at a cut (caught by the declared duration); OGG's runs out of bytes."""
+    data = (DATA / name).read_bytes()
+    assert _reason(data[: int(len(data) * share)]) == "truncated"
+
+
+def _webm_opus(seconds: float, **options: str) -> bytes:
+    from bench.__main__ import speech
+
+    audio = soxr.resample(speech(seconds), SAMPLE_RATE, 48_000).astype(np.float32)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm", options=options) as out:
+        stream = out.add_stream("libopus", rate=48_000, layout="mono")
+        for start in range(0, len(audio), 960):
+            frame = av.AudioFrame.from_ndarray(audio[None, start : start + 960].copy(), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48_000, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_live_webm_without_a_declared_duration_decodes():
+    """Browsers' MediaRecorder writes WebM as a live stream: no Duration, so no cut-off check, and still audio."""
+    data = _webm_opus(2.2, live="1")
+    with av.open(io.BytesIO(data), format="matroska") as container:
+        assert not container.duration
+    assert abs(len(decode(data)) - 2.2 * SAMPLE_RATE) <= 0.03 * SAMPLE_RATE
+
+
+@pytest.mark.parametrize("seconds", [0.5, 1.0, 2.2, 12.0])
+def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
+    """The second half's decoder starts 80 ms early and drops that output: the joined samples are one decoder's,
+    to within rounding at the seam, and none are lost or doubled."""
+    import threading
+
+    import worker.audio as audio_module
+
+    data = _webm_opus(seconds)
+    with av.open(io.BytesIO(data), format="matroska") as container:
+        one = np.concatenate([f.to_ndarray()[0] for f in container.decode(audio=0)])
+    started = []
+
+    class CountingThread(threading.Thread):
+        def start(self):
+            started.append(self.name)
+            super().start()
+
+    monkeypatch.setattr(audio_module.threading, "Thread", CountingThread)
+    two, rate = audio_module._decode_ffmpeg(data, "webm", max_audio_s=60)
+    assert rate == 48_000 and len(two) == len(one)
+    assert np.abs(two - one).max() < 0.01 and np.corrcoef(two, one)[0, 1] > 0.9999
+    assert len(started) == (1 if seconds >= 1 else 0)  # short clips are not worth a second thread
 
 
 def test_zero_length():
