@@ -5,7 +5,7 @@ hub id): wav2vec2 (raw waveform) and Wav2Vec2-BERT (filterbank) alike, and runs 
 ``worker.backends``. ``infer``/``infer_batch`` and ``postprocess`` are pure.
 
 Confidence: each emitted character gets the mean posterior of its argmax label over the frames of its CTC run;
-a word's confidence is the lowest of its characters' (one doubtful letter makes the word doubtful); the
+a word's confidence is the product of its characters' (the chance that all of them are right); the
 transcript's is the lowest of its words'. With no words, it is the mean blank posterior (sure that nothing
 was said). All in [0, 1].
 """
