@@ -88,7 +88,7 @@ def librosa_load(data: bytes, suffix: str) -> np.ndarray:
 
 def bench_decode(runs: int, durations: list[float]) -> list[dict]:
     pipes = ffmpeg_binaries()
-    print(f"\n## decode to 16 kHz mono float32 (ms, median of {runs}); reference: ffmpeg pipe, "
+    print(f"\n## decode to 16 kHz mono float32 (ms, each method's median of {runs} after warm-up); reference: pipe, "
           + ", ".join(f"{label} = {path}" for label, path in pipes.items()))  # fmt: skip
     header = f"{'format':<16}{'dur s':>6}{'decode':>9}" + "".join(f"{'pipe ' + k:>13}{'ratio':>7}" for k in pipes)
     print(header + f"{'librosa':>9}{'corr':>7}")
@@ -112,10 +112,10 @@ def bench_decode(runs: int, durations: list[float]) -> list[dict]:
             corr = float(np.corrcoef(ours[:n], ref[:n])[0, 1]) if n > 1 else float("nan")
             t_ours = median_ms(lambda d=data: decode(d, max_audio_s=3600), runs)
             t_pipes = {
-                label: median_ms(lambda d=data, b=path: reference_pipe_decode(d, b), max(7, runs // 3), warmup=1)
+                label: median_ms(lambda d=data, b=path: reference_pipe_decode(d, b), runs, warmup=2)
                 for label, path in pipes.items()
             }
-            t_librosa = median_ms(lambda d=data, f=fmt: librosa_load(d, "." + f), max(5, runs // 4), warmup=1)
+            t_librosa = median_ms(lambda d=data, f=fmt: librosa_load(d, "." + f), runs, warmup=2)
             label = f"{fmt} {rate // 1000}k{' st' if channels == 2 else ''}"
             row = {
                 "format": label, "seconds": seconds, "decode_ms": round(t_ours, 2),

@@ -121,8 +121,10 @@ def main() -> None:
     parser.add_argument("--eval-clips", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1, help="picks the held-out words and voices")
     parser.add_argument(
-        "--train-seed", type=int, help="seed of the training clips (default: --seed); a new one gives fresh clips "
-        "with the same held-out split, for continuing a checkpoint"
+        "--train-seed",
+        type=int,
+        help="seed of the training clips (default: --seed); a new one gives fresh clips "
+        "with the same held-out split, for continuing a checkpoint",
     )
     args = parser.parse_args()
 
