@@ -154,7 +154,7 @@ def test_live_webm_without_a_declared_duration_decodes():
     assert abs(len(decode(data)) - 2.2 * SAMPLE_RATE) <= 0.03 * SAMPLE_RATE
 
 
-@pytest.mark.parametrize("seconds", [0.5, 1.0, 2.2, 12.0])
+@pytest.mark.parametrize("seconds", [1.0, 2.2, 12.0])
 def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
     """The second half's decoder starts 80 ms early and drops that output: the joined samples are one decoder's,
     to within rounding at the seam, and none are lost or doubled."""
@@ -176,7 +176,7 @@ def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
     two, rate = audio_module._decode_ffmpeg(data, "webm", max_audio_s=60)
     assert rate == 48_000 and len(two) == len(one)
     assert np.abs(two - one).max() < 0.01 and np.corrcoef(two, one)[0, 1] > 0.9999
-    assert len(started) == (1 if seconds >= 1 else 0)  # short clips are not worth a second thread
+    assert len(started) == (1 if seconds >= 1.5 else 0)  # short clips are not worth a second thread
 
 
 def test_zero_length():
