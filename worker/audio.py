@@ -239,6 +239,7 @@ def _decode_opus_split(demuxer, stream, max_audio_s: float, chunks: list[np.ndar
         thread.join()
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
+    rate = rate or outcome[0]  # the first half may have given no frames at all
     chunks += tail
     if sum(c.shape[1] for c in chunks) > max_audio_s * rate:
         raise _too_long(max_audio_s)
