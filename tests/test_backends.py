@@ -117,6 +117,37 @@ def test_onnx_export_is_cached_by_checkpoint_content(tmp_path):
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
 
 
+def test_a_downloaded_hub_checkpoint_restarts_without_loading_torch_weights(tmp_path, monkeypatch):
+    """A hub id is hashed from its snapshot in the local hub cache (here a real cache layout, offline), like a local
+    directory: a restart finds its cached export without loading the model just to hash its weights."""
+    import huggingface_hub.constants
+    from transformers import AutoModelForCTC
+
+    source = save_tiny_wav2vec2(tmp_path / "source")
+    repo = tmp_path / "hub" / "models--acme--tiny-ctc"
+    shutil.copytree(source, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "cache"
+
+    first = load_model("acme/tiny-ctc", backend=Backend.ONNX_FP32, cache_dir=cache)
+    assert first.name == "acme/tiny-ctc" and first.backend is Backend.ONNX_FP32
+    assert backends.local_checkpoint_dir("acme/tiny-ctc") == repo / "snapshots" / ("a" * 40)
+    assert backends.local_checkpoint_dir("acme/not-downloaded") is None
+
+    def no_torch_load(*args, **kwargs):
+        raise AssertionError("the torch model was loaded on a restart with a cached export")
+
+    monkeypatch.setattr(AutoModelForCTC, "from_pretrained", no_torch_load)
+    again = load_model("acme/tiny-ctc", backend=Backend.ONNX_FP32, cache_dir=cache)
+    load_model(str(source), backend=Backend.ONNX_FP32, cache_dir=cache)  # the same files as a local directory
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 1
+    audio = decode((DATA / "kitab.flac").read_bytes())
+    np.testing.assert_allclose(infer(again, audio), infer(first, audio), atol=1e-5)
+
+
 @pytest.mark.parametrize("recipe", ["u8u8", "s8s8"])
 def test_both_int8_recipes_run_and_stay_close_to_fp32(tmp_path, monkeypatch, recipe):
     """The recipe follows the CPU (``int8_recipe``); CI has one kind of CPU, so force each in turn."""

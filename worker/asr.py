@@ -134,10 +134,7 @@ class _RunnerBuilder:
 
     def checkpoint(self) -> str:
         if self._checkpoint is None:
-            is_dir = Path(self.name).is_dir()
-            self._checkpoint = backends.checkpoint_hash(
-                self.name, None if is_dir else self.torch_model(), self.cache_dir
-            )
+            self._checkpoint = backends.checkpoint_hash(self.name, self.torch_model, self.cache_dir)
         return self._checkpoint
 
     def build(self, backend: Backend) -> Runner:

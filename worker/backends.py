@@ -119,11 +119,26 @@ class OnnxRunner:
 # -- checkpoint identity and the export cache ---------------------------------------------------------------
 
 
-def checkpoint_hash(name_or_path: str, model: torch.nn.Module | None, cache_dir: Path) -> str:
-    """Content hash of a checkpoint. A local directory's files are hashed once and remembered by their
-    (size, mtime) so a restart does not reread a large checkpoint; anything else hashes the loaded weights."""
+def local_checkpoint_dir(name_or_path: str) -> Path | None:
+    """The directory a checkpoint's files are in: a local directory as it is, a hub id's snapshot in the local hub
+    cache once ``from_pretrained`` has downloaded it; None otherwise."""
     path = Path(name_or_path)
     if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # not a hub id, or not downloaded: the caller hashes the loaded weights instead
+        return None
+
+
+def checkpoint_hash(name_or_path: str, load_model: Callable[[], torch.nn.Module], cache_dir: Path) -> str:
+    """Content hash of a checkpoint. A local directory's files (a hub id's downloaded snapshot's too) are hashed
+    once and remembered by their (size, mtime), so a restart neither rereads nor loads a large checkpoint just to
+    find its cached exports; anything else is loaded (``load_model``) and its weights hashed."""
+    path = local_checkpoint_dir(name_or_path)
+    if path is not None:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in {".json", ".safetensors", ".bin"})
         signature = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         memo_file = cache_dir / "checkpoint-hashes.json"
@@ -143,8 +158,7 @@ def checkpoint_hash(name_or_path: str, model: torch.nn.Module | None, cache_dir:
             memo[key] = {"signature": signature, "hash": value}
             _write_json(memo_file, memo)
         return value
-    if model is None:
-        raise ValueError("a checkpoint that is not a local directory is hashed from its loaded weights")
+    model = load_model()
     digest = hashlib.blake2b(model.config.to_json_string().encode(), digest_size=16)
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
