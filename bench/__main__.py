@@ -56,8 +56,8 @@ def ffmpeg_binaries() -> dict[str, str]:
     measured with) if installed, and imageio-ffmpeg's static binary (no apt needed), which starts faster."""
     import imageio_ffmpeg
 
-    binaries = {"system": shutil.which("ffmpeg")} if shutil.which("ffmpeg") else {}
-    return binaries | {"static": imageio_ffmpeg.get_ffmpeg_exe()}
+    system = shutil.which("ffmpeg")
+    return ({"system": system} if system else {}) | {"static": imageio_ffmpeg.get_ffmpeg_exe()}
 
 
 def ffmpeg_binary() -> str:
@@ -88,6 +88,7 @@ def librosa_load(data: bytes, suffix: str) -> np.ndarray:
 
 def bench_decode(runs: int, durations: list[float]) -> list[dict]:
     pipes = ffmpeg_binaries()
+    reference = next(iter(pipes.values()))
     print(f"\n## decode to 16 kHz mono float32 (ms, each method's median of {runs} after warm-up); reference: pipe, "
           + ", ".join(f"{label} = {path}" for label, path in pipes.items()))  # fmt: skip
     header = f"{'format':<16}{'dur s':>6}{'decode':>9}" + "".join(f"{'pipe ' + k:>13}{'ratio':>7}" for k in pipes)
@@ -106,7 +107,7 @@ def bench_decode(runs: int, durations: list[float]) -> list[dict]:
         ]:
             data = encode(audio, fmt, sample_rate=rate, channels=channels)
             ours = decode(data, max_audio_s=3600)
-            ref = reference_pipe_decode(data, ffmpeg_binary())
+            ref = reference_pipe_decode(data, reference)
             n = min(len(ours), len(ref))
             # nan: the pipe gave no audio (a 30 s M4A keeps its index at the end, which a pipe cannot seek to)
             corr = float(np.corrcoef(ours[:n], ref[:n])[0, 1]) if n > 1 else float("nan")
