@@ -12,7 +12,6 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -131,19 +130,9 @@ def test_cut_off_opus_is_truncated_not_half_transcribed(name, share):
 
 def _webm_opus(seconds: float, **options: str) -> bytes:
     from bench.__main__ import speech
+    from training.synth import encode
 
-    audio = soxr.resample(speech(seconds), SAMPLE_RATE, 48_000).astype(np.float32)
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="webm", options=options) as out:
-        stream = out.add_stream("libopus", rate=48_000, layout="mono")
-        for start in range(0, len(audio), 960):
-            frame = av.AudioFrame.from_ndarray(audio[None, start : start + 960].copy(), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 48_000, start
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+    return encode(speech(seconds), "webm", options=options)
 
 
 def test_live_webm_without_a_declared_duration_decodes():

@@ -36,11 +36,14 @@ def speak(text: str, variant: str | None, speed: int = 175, pitch: int = 50, wor
     return soxr.resample(audio, sr, SAMPLE_RATE).astype(np.float32)
 
 
-def encode(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
+def encode(
+    audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE, channels: int = 1, options: dict | None = None
+) -> bytes:
     """Encode mono float32 audio in memory with FFmpeg's libraries.
 
     ``fmt``: webm (Opus, as browsers record), ogg (Opus), mp3, m4a (AAC), flac, wav.
-    ``sample_rate``/``channels`` are the output's (audio is resampled / duplicated to get there).
+    ``sample_rate``/``channels`` are the output's (audio is resampled / duplicated to get there); ``options`` are
+    the muxer's (e.g. ``{"live": "1"}``: a WebM without a duration, as MediaRecorder writes).
     """
     container, codec, rate = {
         "webm": ("webm", "libopus", 48_000),
@@ -56,7 +59,7 @@ def encode(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE, channels
     layout = "mono" if channels == 1 else "stereo"
     planar = np.tile(samples[None, :], (channels, 1)).astype(np.float32)
     buf = io.BytesIO()
-    with av.open(buf, "w", format=container) as out:
+    with av.open(buf, "w", format=container, options=options or {}) as out:
         stream = out.add_stream(codec, rate=rate, layout=layout)
         frame_size = stream.codec_context.frame_size or 1024
         fmt_name = stream.codec_context.format.name if stream.codec_context.format else "fltp"
