@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from shared.text import ARABIC_LETTERS
-from worker.asr import load_model, postprocess, select_device, transcribe_audio
+from worker.asr import load_model, postprocess, select_device, transcribe_audio, word_posterior
 
 VOCAB = ["<pad>", "<unk>", "|", "ك", "ت", "ا", "ب"]
 
@@ -48,13 +48,32 @@ def _log_probs(frames: list[int], vocab_size: int, peak: float = 0.9) -> np.ndar
 def test_postprocess_collapses_repeats_and_splits_words():
     # frames: blank, ك ك, blank, ت, ا, blank, ب, |, blank, ب, ا   (20 ms each)
     frames = [0, 3, 3, 0, 4, 5, 0, 6, 2, 0, 6, 5]
-    out = postprocess(_log_probs(frames, len(VOCAB)), VOCAB, blank_id=0, frame_s=0.02)
+    log_probs = _log_probs(frames, len(VOCAB))
+    out = postprocess(log_probs, VOCAB, blank_id=0, frame_s=0.02)
     assert out.text == "كتاب با"
     assert [w.word for w in out.words] == ["كتاب", "با"]
     assert out.words[0].start == pytest.approx(0.02) and out.words[0].end == pytest.approx(0.16)
     assert out.words[1].start == pytest.approx(0.20) and out.words[1].end == pytest.approx(0.24)
-    assert out.words[1].confidence == pytest.approx(0.9**2, abs=1e-4)
-    assert out.confidence == pytest.approx(0.9**4, abs=1e-4)  # the weakest word: four letters at 0.9
+    # each word is scored on the frames between its neighbours: كتاب on 0..10 (up to ب of the second word)
+    assert out.words[0].confidence == pytest.approx(word_posterior(log_probs[0:10], [3, 4, 5, 6], 0, 2), abs=1e-4)
+    assert out.words[1].confidence == pytest.approx(word_posterior(log_probs[8:12], [6, 5], 0, 2), abs=1e-4)
+    assert out.confidence == min(w.confidence for w in out.words)
+
+
+def test_postprocess_splits_words_when_the_tokenizer_calls_the_delimiter_special():
+    # transformers 5 lists "|" in all_special_ids; it must still separate words, not vanish (it did: every
+    # phrase came out as one long word)
+    frames = [3, 0, 4, 2, 6, 5]
+    out = postprocess(_log_probs(frames, len(VOCAB)), VOCAB, blank_id=0, frame_s=0.02, special_ids=frozenset({1, 2}))
+    assert out.text == "كت با"
+
+
+def test_load_model_keeps_the_word_delimiter_out_of_the_skipped_specials():
+    from shared.config import BUNDLED_MODEL_DIR
+
+    model = load_model(str(BUNDLED_MODEL_DIR))
+    assert model.id_to_token.index(model.delimiter) not in model.special_ids
+    assert model.blank_id not in model.special_ids
 
 
 def test_postprocess_double_letters_need_a_blank_between():
@@ -62,13 +81,31 @@ def test_postprocess_double_letters_need_a_blank_between():
     assert out.text == "بب"
 
 
-def test_postprocess_word_confidence_is_the_product_of_its_letters():
-    log_probs = _log_probs([3, 0, 4], len(VOCAB))
-    log_probs[2] = np.log(np.full(len(VOCAB), 0.1))
-    log_probs[2, 4] = np.log(0.4)
-    out = postprocess(log_probs, VOCAB, blank_id=0, frame_s=0.02)
-    assert out.text == "كت"
-    assert out.words[0].confidence == pytest.approx(0.9 * 0.4, abs=1e-3)
+def test_word_posterior_sums_every_alignment():
+    # two frames, one letter: alignments "a a", "a -", "- a"
+    p = np.array([[0.3, 0.7], [0.6, 0.4]])  # columns: blank, a
+    expected = 0.7 * 0.4 + 0.7 * 0.6 + 0.3 * 0.4
+    assert word_posterior(np.log(p), [1], blank_id=0) == pytest.approx(expected, abs=1e-6)
+    # "a a" needs a blank between: impossible in two frames
+    assert word_posterior(np.log(p), [1, 1], blank_id=0) == 0.0
+
+
+def test_word_posterior_counts_the_delimiter_as_silence():
+    p = np.array([[0.1, 0.9, 0.0], [0.05, 0.05, 0.9]])  # columns: blank, a, delimiter
+    with np.errstate(divide="ignore"):
+        log_p = np.log(p)
+    assert word_posterior(log_p, [1], blank_id=0, delimiter_id=2) == pytest.approx(
+        0.9 * (0.05 + 0.05 + 0.9) + 0.1 * 0.05
+    )
+    assert word_posterior(log_p, [1], blank_id=0) == pytest.approx(0.9 * 0.1 + 0.1 * 0.05)
+
+
+def test_postprocess_confident_letters_give_a_confident_word():
+    sure = postprocess(_log_probs([3, 0, 4], len(VOCAB), peak=0.99), VOCAB, blank_id=0, frame_s=0.02)
+    unsure = postprocess(_log_probs([3, 0, 4], len(VOCAB), peak=0.5), VOCAB, blank_id=0, frame_s=0.02)
+    assert sure.text == unsure.text == "كت"
+    assert 0.9 < sure.confidence <= 1.0
+    assert 0.0 < unsure.confidence < 0.5
 
 
 def test_postprocess_all_blank_is_empty_text():

@@ -4,10 +4,9 @@
 hub id): wav2vec2 (raw waveform) and Wav2Vec2-BERT (filterbank) alike, and runs it through one of the backends in
 ``worker.backends``. ``infer``/``infer_batch`` and ``postprocess`` are pure.
 
-Confidence: each emitted character gets the mean posterior of its argmax label over the frames of its CTC run;
-a word's confidence is the product of its characters' (the chance that all of them are right); the
-transcript's is the lowest of its words'. With no words, it is the mean blank posterior (sure that nothing
-was said). All in [0, 1].
+Confidence: a word's is its CTC posterior: the probability, summed over every alignment, that the stretch of
+audio between its neighbouring words spells exactly this word (``word_posterior``); the transcript's is the
+lowest of its words'. With no words, it is the mean blank posterior (sure that nothing was said). All in [0, 1].
 """
 
 from __future__ import annotations
@@ -98,6 +97,7 @@ def load_model(
     for token, idx in vocab.items():
         id_to_token[idx] = token
     ratio = getattr(config, "inputs_to_logits_ratio", None)  # wav2vec2: product of the conv strides
+    delimiter = getattr(tokenizer, "word_delimiter_token", None) or "|"
     return LoadedModel(
         runner=runner,
         feature_extractor=extractor,
@@ -106,8 +106,9 @@ def load_model(
         backend=backend,
         id_to_token=id_to_token,
         blank_id=int(blank_id),
-        delimiter=getattr(tokenizer, "word_delimiter_token", None) or "|",
-        special_ids=frozenset(tokenizer.all_special_ids) - {int(blank_id)},
+        delimiter=delimiter,
+        # transformers 5 lists the word delimiter among the special tokens; it is a label the model emits
+        special_ids=frozenset(tokenizer.all_special_ids) - {int(blank_id), vocab.get(delimiter, -1)},
         samples_per_frame=float(ratio) if ratio else None,
         mask_safe=mask_safe,
         model_type=config.model_type,
@@ -261,6 +262,27 @@ class Transcript:
     words: list[WordTiming]
 
 
+def word_posterior(log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None = None) -> float:
+    """P(the frames spell exactly ``labels``): the CTC forward sum over every alignment of ``labels`` to
+    ``log_probs`` (frames, vocab), with the word delimiter counted as silence (its mass joins the blank's)."""
+    if not labels:
+        return 0.0
+    frames = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))
+    if delimiter_id is not None and delimiter_id != blank_id:
+        frames = frames.clone()
+        frames[:, blank_id] = torch.logaddexp(frames[:, blank_id], frames[:, delimiter_id])
+        frames[:, delimiter_id] = -float("inf")
+    nll = torch.nn.functional.ctc_loss(
+        frames[:, None, :],
+        torch.tensor([labels]),
+        torch.tensor([frames.shape[0]]),
+        torch.tensor([len(labels)]),
+        blank=blank_id,
+        reduction="sum",
+    )
+    return float(torch.exp(-nll))  # too few frames for the labels: nll is inf, the posterior 0
+
+
 def postprocess(
     log_probs: np.ndarray,
     id_to_token: list[str],
@@ -271,51 +293,55 @@ def postprocess(
 ) -> Transcript:
     """Greedy CTC decoding of (frames, vocab) log-posteriors into text, confidence and word timings.
 
-    A letter's confidence is the mean posterior of its label over its CTC run; a word's is the product of its
-    letters' (the chance every letter is right: it ranks right vs wrong words better than the weakest letter did,
-    AUROC 0.73 -> 0.82 on the training voices' evaluation set); the transcript's is its weakest word's."""
+    A word's confidence is ``word_posterior`` over the frames from the end of the word before it to the start of
+    the word after it: all the ways the audio there could spell this word, not only the best path. On the bundled
+    model's evaluation sets it ranks right vs wrong words better than the product of the letters' mean posteriors
+    did (AUROC 0.74 -> 0.82 held-out, 0.63 -> 0.77 training voices). The transcript's is its weakest word's."""
     if log_probs.shape[0] == 0:
         return Transcript("", 0.0, [])
     best = log_probs.argmax(axis=1)
-    best_p = np.exp(log_probs[np.arange(len(best)), best])
     # runs of identical argmax labels: [start, end) frame ranges
     change = np.flatnonzero(np.diff(best)) + 1
     starts = np.concatenate([[0], change])
     ends = np.concatenate([change, [len(best)]])
 
-    words: list[WordTiming] = []
-    chars: list[str] = []
-    char_conf: list[float] = []
+    spans: list[tuple[int, int, list[int]]] = []  # each word's first frame, end frame and labels
+    labels: list[int] = []
     word_start = word_end = 0
 
     def close_word() -> None:
-        if chars:
-            words.append(
-                WordTiming(
-                    word="".join(chars),
-                    start=round(word_start * frame_s, 3),
-                    end=round(word_end * frame_s, 3),
-                    confidence=round(float(np.prod(char_conf)), 4),
-                )
-            )
-        chars.clear()
-        char_conf.clear()
+        if labels:
+            spans.append((word_start, word_end, labels.copy()))
+        labels.clear()
 
     for s, e in zip(starts, ends, strict=True):
         label = int(best[s])
-        if label == blank_id or label in special_ids:
-            continue
         token = id_to_token[label] if label < len(id_to_token) else ""
-        if token == delimiter or token.isspace():
+        if label != blank_id and (token == delimiter or token.isspace()):
             close_word()
             continue
-        if not chars:
+        if label == blank_id or label in special_ids:
+            continue
+        if not labels:
             word_start = s
-        chars.append(token)
-        char_conf.append(float(best_p[s:e].mean()))
+        labels.append(label)
         word_end = e
     close_word()
 
+    delimiter_id = id_to_token.index(delimiter) if delimiter in id_to_token else None
+    words = []
+    for k, (start, end, word_labels) in enumerate(spans):
+        context_start = spans[k - 1][1] if k > 0 else 0
+        context_end = spans[k + 1][0] if k + 1 < len(spans) else len(best)
+        posterior = word_posterior(log_probs[context_start:context_end], word_labels, blank_id, delimiter_id)
+        words.append(
+            WordTiming(
+                word="".join(id_to_token[label] for label in word_labels),
+                start=round(start * frame_s, 3),
+                end=round(end * frame_s, 3),
+                confidence=round(posterior, 4),
+            )
+        )
     confidence = min(w.confidence for w in words) if words else float(np.exp(log_probs[:, blank_id]).mean())
     return Transcript(" ".join(w.word for w in words), round(float(confidence), 4), words)
 
