@@ -143,10 +143,11 @@ def test_live_webm_without_a_declared_duration_decodes():
     assert abs(len(decode(data)) - 2.2 * SAMPLE_RATE) <= 0.03 * SAMPLE_RATE
 
 
-@pytest.mark.parametrize("seconds", [1.0, 2.2, 12.0])
+@pytest.mark.parametrize("seconds", [1.0, 1.6, 2.2, 12.0])
 def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
-    """The second half's decoder starts 80 ms early and drops that output: the joined samples are one decoder's,
-    to within rounding at the seam, and none are lost or doubled."""
+    """The second half's decoder starts 200 ms early and drops that output: the joined samples are one decoder's,
+    to within rounding at the seam, and none are lost or doubled. (With the RFC's 80 ms the 1.6 s clip was up to
+    0.05 off for ~100 ms after the seam.)"""
     import threading
 
     import worker.audio as audio_module
@@ -164,7 +165,7 @@ def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
     monkeypatch.setattr(audio_module.threading, "Thread", CountingThread)
     two, rate = audio_module._decode_ffmpeg(data, "webm", max_audio_s=60)
     assert rate == 48_000 and len(two) == len(one)
-    assert np.abs(two - one).max() < 0.01 and np.corrcoef(two, one)[0, 1] > 0.9999
+    assert np.abs(two - one).max() < 0.002 and np.corrcoef(two, one)[0, 1] > 0.99999
     assert len(started) == (1 if seconds >= 1.5 else 0)  # short clips are not worth a second thread
 
 

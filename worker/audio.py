@@ -43,11 +43,14 @@ _CODECS = {
 # OGG is not among them: libsndfile decodes Opus 4x slower than FFmpeg (21 ms vs 5 ms for 2.2 s, `make bench`).
 _SOUNDFILE_CONTAINERS = {"wav", "flac"}
 
-# Opus is most of the uploads and its decoder is most of their decode time. A decoder started mid-stream converges
-# within 80 ms of pre-roll (RFC 7845, section 4.6), and FFmpeg decodes with the GIL released, so a second decoder
-# started that far before the middle decodes the second half on another core. On the 2-core dev machines (where two
-# busy cores each run ~1.7x slower than one) that saved 8 % at 2.2 s and 20 % at 30 s; under 1.5 s, nothing.
-_OPUS_PREROLL_S = 0.08
+# Opus is most of the uploads and its decoder is most of their decode time. FFmpeg decodes with the GIL released, so
+# a second decoder, started on packets before the middle and its output for them dropped, decodes the second half
+# on another core. RFC 7845 (section 4.6) asks for 80 ms of such pre-roll; measured, 80 ms left the seam up to 0.05
+# off one decoder's samples for ~100 ms on some clips, 200 ms under 0.001 (`tests/test_audio.py`), for 2-4 % more
+# time. On the 2-core dev machines (where two busy cores each run ~1.7x slower than one) the split saved 8 % at
+# 2.2 s and 20 % at 30 s; under 1.5 s, nothing. (Resampling the halves in their threads too, and demuxing in the
+# helper thread while this one decodes, were both measured and gained nothing.)
+_OPUS_PREROLL_S = 0.2
 _OPUS_MIN_FRAME_S = 0.0025  # more packets than max_audio_s / this is too long whatever they hold
 _SPLIT_MIN_S = 1.5
 # A Matroska/WebM file that says how long it is (MediaRecorder's live files do not) and decodes to this much less
@@ -201,7 +204,7 @@ def _decode_frames(frames: Iterator[av.AudioFrame], max_audio_s: float, chunks: 
 
 def _decode_opus_split(demuxer, stream, max_audio_s: float, chunks: list[np.ndarray]) -> int:
     """Decode an Opus stream in two halves at once (see ``_OPUS_PREROLL_S``); the same samples within
-    rounding as one decoder, since the second half's decoder first runs over >= 80 ms of pre-roll packets and its
+    rounding as one decoder, since the second half's decoder first runs over >= 200 ms of pre-roll packets and its
     output for them is dropped."""
     packets = []
     for packet in demuxer.demux(stream):
@@ -211,7 +214,7 @@ def _decode_opus_split(demuxer, stream, max_audio_s: float, chunks: list[np.ndar
                 raise _too_long(max_audio_s)
     time_base = float(stream.time_base or 0)
     starts = np.cumsum([0.0] + [float(p.duration or 0) * time_base for p in packets])
-    middle = int(np.searchsorted(starts, starts[-1] / 2))
+    middle = int(np.searchsorted(starts, (starts[-1] + _OPUS_PREROLL_S) / 2))  # equal work, pre-roll included
     preroll = int(np.searchsorted(starts, starts[middle] - _OPUS_PREROLL_S, side="right")) - 1
     if starts[-1] < _SPLIT_MIN_S or not 0 < preroll < middle < len(packets):
         return _decode_frames(_decode_packets(stream.codec_context, packets), max_audio_s, chunks)
