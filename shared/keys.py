@@ -21,3 +21,13 @@ def job_done_channel(job_id: str) -> str:
 def model_loads() -> str:
     """Hash: "<hostname>:<pid>" -> number of model loads in that worker process (should stay 1)."""
     return f"{PREFIX}:model_loads"
+
+
+def model_processes() -> str:
+    """Sorted set: "<hostname>:<pid>" of each worker process with its model loaded and warm -> the unix time of its
+    last heartbeat (every ``MODEL_HEARTBEAT_S``). ``/readyz`` counts the fresh ones."""
+    return f"{PREFIX}:model_processes"
+
+
+MODEL_HEARTBEAT_S = 10.0
+MODEL_HEARTBEAT_STALE_S = 3 * MODEL_HEARTBEAT_S  # a process silent this long is gone (killed, crashed, hung)

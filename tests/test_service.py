@@ -222,6 +222,7 @@ def test_health_and_readiness(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.get_json()["workers"] >= 1
+    assert ready.get_json()["model_processes"] >= WORKER_PROCESSES  # each prefork child's heartbeat
 
 
 def test_unknown_route_and_method_are_json(client):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
+from shared import keys
 from shared.jobs import JobStore
 from shared.queue import TRANSCRIBE_TASK
 from shared.schema import ErrorCode
@@ -98,12 +100,18 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    checks = {"redis": False, "workers": 0}
+    """Ready when Redis answers, a worker answers Celery's ping, and a worker process has its model loaded (fresh
+    heartbeat): the ping alone is answered by the prefork parent even while every child fails to load the model."""
+    checks = {"redis": False, "workers": 0, "model_processes": 0}
     try:
-        checks["redis"] = bool(_ext()["store"].redis.ping())
-        replies = _ext()["celery"].control.ping(timeout=1.0) if checks["redis"] else []
-        checks["workers"] = len(replies or [])
+        redis_client = _ext()["store"].redis
+        checks["redis"] = bool(redis_client.ping())
+        if checks["redis"]:
+            replies = _ext()["celery"].control.ping(timeout=1.0)
+            checks["workers"] = len(replies or [])
+            fresh_since = time.time() - keys.MODEL_HEARTBEAT_STALE_S
+            checks["model_processes"] = int(redis_client.zcount(keys.model_processes(), fresh_since, "+inf"))
     except Exception as exc:  # readiness answers, it does not raise
         log.warning("readiness check failed: %s", exc)
-    ready = checks["redis"] and checks["workers"] > 0
+    ready = checks["redis"] and checks["workers"] > 0 and checks["model_processes"] > 0
     return jsonify({"status": "ready" if ready else "not_ready", **checks}), 200 if ready else 503

@@ -7,7 +7,7 @@ import logging
 from billiard.process import current_process
 from celery.concurrency import get_implementation
 from celery.concurrency.prefork import TaskPool as PreforkPool
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from shared.config import Settings
 from shared.queue import make_celery
@@ -41,3 +41,11 @@ def _load_model_in_main_process(sender: object, **_: object) -> None:
 
     _init_logging()
     init_process(settings)
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _leave_ready_list(**_: object) -> None:
+    from worker.lifecycle import leave
+
+    leave()

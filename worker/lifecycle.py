@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -63,11 +64,35 @@ def init_process(settings: Settings, process_index: int = 0) -> WorkerState:
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.hincrby(keys.model_loads(), f"{socket.gethostname()}:{os.getpid()}", 1)
     _state = WorkerState(settings=settings, model=model, store=JobStore(client, settings), batcher=batcher)
+    threading.Thread(target=_heartbeat, args=(client,), name="model-heartbeat", daemon=True).start()
     log.info(
         "model ready model=%s backend=%s device=%s batch_max=%d load_s=%.2f warmup_ms=%.0f pid=%d",
         settings.ASR_MODEL, model.backend, device, settings.BATCH_MAX_SIZE, loaded_s, warm_ms, os.getpid(),
     )  # fmt: skip
     return _state
+
+
+def _heartbeat(client: redis.Redis) -> None:
+    """Tell ``/readyz`` that this process has its model loaded, every ``MODEL_HEARTBEAT_S`` while it lives. (Celery's
+    ping is answered by the prefork parent, which says nothing about whether any child could load the model.)"""
+    member = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        try:
+            now = time.time()
+            with client.pipeline() as pipe:
+                pipe.zadd(keys.model_processes(), {member: now})
+                pipe.zremrangebyscore(keys.model_processes(), "-inf", now - keys.MODEL_HEARTBEAT_STALE_S)
+                pipe.execute()
+        except redis.RedisError as exc:  # Redis away for a while: try again next beat
+            log.warning("model heartbeat failed: %s", exc)
+        time.sleep(keys.MODEL_HEARTBEAT_S)
+
+
+def leave() -> None:
+    """Take this process off the ready list at once (a clean shutdown); a killed one drops off when stale."""
+    if _state is not None:
+        with contextlib.suppress(redis.RedisError):  # shutting down anyway
+            _state.store.redis.zrem(keys.model_processes(), f"{socket.gethostname()}:{os.getpid()}")
 
 
 _init_lock = threading.Lock()
