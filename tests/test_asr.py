@@ -76,6 +76,13 @@ def test_load_model_keeps_the_word_delimiter_out_of_the_skipped_specials():
     assert model.blank_id not in model.special_ids
 
 
+def test_postprocess_ignores_logit_columns_past_the_vocabulary():
+    # some checkpoints' heads have more outputs than their tokenizer has tokens
+    log_probs = _log_probs([3, 0, len(VOCAB) + 1, 0, 4], len(VOCAB) + 2)
+    out = postprocess(log_probs, VOCAB, blank_id=0, frame_s=0.02)
+    assert out.text == "كت" and 0.0 <= out.confidence <= 1.0
+
+
 def test_postprocess_double_letters_need_a_blank_between():
     out = postprocess(_log_probs([6, 6, 0, 6], len(VOCAB)), VOCAB, blank_id=0, frame_s=0.02)
     assert out.text == "بب"

@@ -320,7 +320,7 @@ def postprocess(
         if label != blank_id and (token == delimiter or token.isspace()):
             close_word()
             continue
-        if label == blank_id or label in special_ids:
+        if label == blank_id or label in special_ids or not token:  # not token: a logit column past the vocabulary
             continue
         if not labels:
             word_start = s
