@@ -30,4 +30,4 @@ def model_processes() -> str:
 
 
 MODEL_HEARTBEAT_S = 10.0
-MODEL_HEARTBEAT_STALE_S = 3 * MODEL_HEARTBEAT_S  # a process silent this long is gone (killed, crashed, hung)
+MODEL_HEARTBEAT_STALE_S = 3 * MODEL_HEARTBEAT_S  # a process silent this long is gone (killed or crashed)
