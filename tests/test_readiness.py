@@ -58,7 +58,7 @@ def test_worker_whose_processes_cannot_load_the_model_is_not_ready(lone_redis, t
             status, body = _readyz(lone_redis)
             if body["workers"] > 0:
                 break
-            assert proc.poll() is None or time.monotonic() < deadline, log_path.read_text()[-3000:]
+            assert proc.poll() is None, "the worker exited:\n" + log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the worker never answered a ping:\n" + log_path.read_text()[-3000:]
             time.sleep(0.5)
         time.sleep(2)  # children have had time to fail (and be restarted) by now

@@ -62,7 +62,7 @@ def init_process(settings: Settings, process_index: int = 0) -> WorkerState:
         batch_sizes = tuple(sorted({1, min(4, settings.BATCH_MAX_SIZE), settings.BATCH_MAX_SIZE}))
     warm_ms = warm_up(model, batch_sizes=batch_sizes)  # the shapes it will serve (GPU kernels, allocator)
     client = redis.Redis.from_url(settings.REDIS_URL)
-    client.hincrby(keys.model_loads(), f"{socket.gethostname()}:{os.getpid()}", 1)
+    client.hincrby(keys.model_loads(), _process_name(), 1)
     _state = WorkerState(settings=settings, model=model, store=JobStore(client, settings), batcher=batcher)
     threading.Thread(target=_heartbeat, args=(client,), name="model-heartbeat", daemon=True).start()
     log.info(
@@ -72,10 +72,15 @@ def init_process(settings: Settings, process_index: int = 0) -> WorkerState:
     return _state
 
 
+def _process_name() -> str:
+    """This worker process as "<hostname>:<pid>", its name in the Redis keys that track processes."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _heartbeat(client: redis.Redis) -> None:
     """Tell ``/readyz`` that this process has its model loaded, every ``MODEL_HEARTBEAT_S`` while it lives. (Celery's
     ping is answered by the prefork parent, which says nothing about whether any child could load the model.)"""
-    member = f"{socket.gethostname()}:{os.getpid()}"
+    member = _process_name()
     while True:
         try:
             now = time.time()
@@ -92,7 +97,7 @@ def leave() -> None:
     """Take this process off the ready list at once (a clean shutdown); a killed one drops off when stale."""
     if _state is not None:
         with contextlib.suppress(redis.RedisError):  # shutting down anyway
-            _state.store.redis.zrem(keys.model_processes(), f"{socket.gethostname()}:{os.getpid()}")
+            _state.store.redis.zrem(keys.model_processes(), _process_name())
 
 
 _init_lock = threading.Lock()
