@@ -58,25 +58,34 @@ def random_utterance(words: list[str], rng: random.Random, phrase_share: float) 
     return " ".join(rng.choice(words) for _ in range(n))
 
 
+def make_train_clip(
+    words: list[str], voices: list, rng: random.Random, nprng: np.random.Generator
+) -> tuple[np.ndarray, str] | None:
+    """One augmented training clip and its text; None when espeak-ng fails on the words drawn."""
+    text = random_utterance(words, rng, phrase_share=0.4)
+    try:
+        audio = speak(
+            text,
+            rng.choice(voices),
+            speed=rng.randint(100, 230),
+            pitch=rng.randint(15, 85),
+            word_gap=rng.choice([0, 0, 0, 1, 3, 6]),
+        )
+    except Exception:  # espeak-ng failing on a rare word is not worth stopping a long build for
+        return None
+    return augment(audio, nprng), text
+
+
 def _make_train_chunk(args: tuple[int, int, list[str], list]) -> tuple[list[np.ndarray], list[str]]:
     seed, count, words, voices = args
     rng = random.Random(seed)
     nprng = np.random.default_rng(seed)
     clips, texts = [], []
     while len(clips) < count:
-        text = random_utterance(words, rng, phrase_share=0.4)
-        try:
-            audio = speak(
-                text,
-                rng.choice(voices),
-                speed=rng.randint(100, 230),
-                pitch=rng.randint(15, 85),
-                word_gap=rng.choice([0, 0, 0, 1, 3, 6]),
-            )
-        except Exception:  # espeak-ng failing on a rare word is not worth stopping a long build for
-            continue
-        clips.append(augment(audio, nprng))
-        texts.append(text)
+        made = make_train_clip(words, voices, rng, nprng)
+        if made:
+            clips.append(made[0])
+            texts.append(made[1])
     return clips, texts
 
 

@@ -1,11 +1,13 @@
 """espeak-ng speech synthesis and augmentation, shared by the dataset builder and the test-fixture script.
 
 Needs the espeak-ng program (Debian: ``apt-get install espeak-ng``); only training and fixture generation do.
+``ESPEAK_NG=DIR`` runs the copy that ``training.bundle_espeak`` made in DIR instead (a machine without apt).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 
@@ -17,21 +19,27 @@ import soxr
 SAMPLE_RATE = 16_000
 
 
+def _espeak(*args: str) -> tuple[list[str], dict[str, str] | None]:
+    """The espeak-ng command line (and environment) for ``args``: the system's, or the bundle in $ESPEAK_NG."""
+    bundle = os.environ.get("ESPEAK_NG")
+    if not bundle:
+        return ["espeak-ng", *args], None
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(bundle, "lib"))
+    return [os.path.join(bundle, "espeak-ng"), f"--path={bundle}", *args], env
+
+
 def espeak_variants() -> list[str]:
     """Names of espeak-ng's voice variants (``ar+NAME``), sorted."""
-    out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    command, env = _espeak("--voices=variant")
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return sorted(set(re.findall(r"!v/(\S+)", out)))
 
 
 def speak(text: str, variant: str | None, speed: int = 175, pitch: int = 50, word_gap: int = 0) -> np.ndarray:
     """Speak ``text`` with espeak-ng's Arabic voice; return 16 kHz mono float32."""
     voice = "ar" if not variant else f"ar+{variant}"
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-g", str(word_gap), "--stdout", text],
-        capture_output=True,
-        check=True,
-        timeout=30,
-    ).stdout
+    command, env = _espeak("-v", voice, "-s", str(speed), "-p", str(pitch), "-g", str(word_gap), "--stdout", text)
+    wav = subprocess.run(command, capture_output=True, check=True, timeout=30, env=env).stdout
     audio, sr = sf.read(io.BytesIO(wav), dtype="float32")
     return soxr.resample(audio, sr, SAMPLE_RATE).astype(np.float32)
 

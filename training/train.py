@@ -20,6 +20,7 @@ import multiprocessing
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from transformers import (
 )
 
 from shared.text import ARABIC_LETTERS, edit_distance
+from training.stream import ClipStream, ReplayBuffer
 from training.synth import SAMPLE_RATE, decode_any
 
 _EXTRACTOR = SeamlessM4TFeatureExtractor(sampling_rate=SAMPLE_RATE)
@@ -118,11 +120,12 @@ def batches(lengths: list[int], max_frames: int, rng: random.Random, shortest_fi
     """Length-bucketed batches of at most ``max_frames`` padded frames, in random order (or shortest first:
     SortaGrad, which gets CTC off the all-blank plateau sooner)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i] + rng.random() * 8)
-    out, current = [], []
+    out, current, longest = [], [], 0
     for i in order:
-        if current and (len(current) + 1) * lengths[i] > max_frames:
+        longest = max(longest, lengths[i])  # the jitter lets a shorter clip follow a longer one
+        if current and (len(current) + 1) * longest > max_frames:
             out.append(current)
-            current = []
+            current, longest = [], lengths[i]
         current.append(i)
     out.append(current)
     if not shortest_first:
@@ -147,13 +150,35 @@ def evaluate(model, processor, feats, texts, batch_size: int = 32) -> tuple[floa
     errors = chars = exact = 0
     for start in range(0, len(feats), batch_size):
         x, mask = collate(feats[start : start + batch_size])
-        ids = model(input_features=x, attention_mask=mask).logits.argmax(-1)
+        ids = model(input_features=x.to(model.device), attention_mask=mask.to(model.device)).logits.argmax(-1)
         for hyp, ref in zip(processor.batch_decode(ids), texts[start : start + batch_size], strict=True):
             errors += edit_distance(hyp, ref)
             chars += len(ref)
             exact += hyp == ref
     model.train()
     return errors / max(chars, 1), exact / max(len(texts), 1)
+
+
+def fixed_batches(feats, labels, max_frames: int, rng: random.Random, sorta_grad: bool) -> Iterator[list]:
+    """Epochs over the stored clips, length-bucketed; the first shortest first when ``sorta_grad``."""
+    lengths = [len(f) for f in feats]
+    epoch = 0
+    while True:
+        epoch += 1
+        for batch in batches(lengths, max_frames, rng, shortest_first=sorta_grad and epoch == 1):
+            yield [(feats[i], labels[i]) for i in batch]
+
+
+def streamed_batches(stream, buffer, tokenizer, min_clips: int, max_reuse: float) -> Iterator[list]:
+    """Batches from the newest streamed clips; waits for the producers when clips would be reused too often."""
+    while True:
+        if len(buffer.items) < min_clips:
+            need = min_clips - len(buffer.items)
+        else:
+            need = 32 if buffer.reuse() > max_reuse else 0
+        for feats, text in stream.take(wait_for=need):
+            buffer.add(feats, tokenizer(text).input_ids)
+        yield buffer.next_batch(batches)
 
 
 def main() -> None:
@@ -169,87 +194,112 @@ def main() -> None:
     parser.add_argument("--augment-after", type=int, default=600, help="SpecAugment from this step on")
     parser.add_argument("--max-frames", type=int, default=2000, help="padded feature frames per batch")
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-clips", type=int, default=200, help="clips of DATA/eval scored at each evaluation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--init-from", type=Path, help="continue from this checkpoint (same vocabulary): no SortaGrad, SpecAugment on"
     )
+    parser.add_argument(
+        "--stream-workers",
+        type=int,
+        default=0,
+        help="make fresh clips in this many processes while training (words and voices from DATA/split.json) "
+        "instead of reading DATA/train-*.npz; for many-core GPU machines",
+    )
+    parser.add_argument("--buffer-clips", type=int, default=60_000, help="streamed clips kept for batches")
+    parser.add_argument("--min-clips", type=int, default=3_000, help="streamed clips to wait for before training")
+    parser.add_argument("--max-reuse", type=float, default=6.0, help="times each streamed clip is used, on average")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
+    stream = None
+    if args.stream_workers:  # before anything touches CUDA or starts thread pools
+        split = json.loads((args.data / "split.json").read_text(encoding="utf-8"))
+        stream = ClipStream(split["train_words"], split["train_voices"], args.stream_workers, args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    feats, texts = load_train(args.data)
-    eval_feats, eval_texts = load_eval(args.data / "eval", limit=200)
-    print(f"features: {len(feats)} train, {len(eval_feats)} eval in {time.time() - t0:.0f} s", flush=True)
-
+    eval_feats, eval_texts = load_eval(args.data / "eval", limit=args.eval_clips)
     with tempfile.TemporaryDirectory() as tmp:
         processor = build_processor(Path(tmp))
-        labels = [processor.tokenizer(t).input_ids for t in texts]
-        if args.init_from:
-            model = Wav2Vec2BertForCTC.from_pretrained(args.init_from).to(device)
-            args.augment_after = 0  # already off the all-blank plateau
+        if stream:
+            buffer = ReplayBuffer(args.buffer_clips, args.max_frames, rng)
+            train_batches = streamed_batches(stream, buffer, processor.tokenizer, args.min_clips, args.max_reuse)
         else:
-            model = build_model(processor, args.layers, args.hidden).to(device)
-        spec_augment = (model.config.mask_time_prob, model.config.mask_feature_prob)
-        model.config.mask_time_prob = model.config.mask_feature_prob = 0.0  # until CTC has left the plateau
-        print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+            feats, texts = load_train(args.data)
+            labels = [processor.tokenizer(t).input_ids for t in texts]
+            train_batches = fixed_batches(feats, labels, args.max_frames, rng, sorta_grad=not args.init_from)
+        print(f"eval features: {len(eval_feats)} in {time.time() - t0:.0f} s; device {device}", flush=True)
+        try:
+            train(args, processor, train_batches, eval_feats, eval_texts, device, buffer if stream else None)
+        finally:
+            if stream:
+                stream.close()
 
-        def lr_at(progress: float, step: int) -> float:
-            warm = min(1.0, step / args.warmup)
-            return args.lr * warm * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
-        model.train()
-        step, best_cer, start = 0, float("inf"), time.time()
-        lengths = [len(f) for f in feats]
-        losses: list[float] = []
-        done, epoch = False, 0
-        while not done:
-            epoch += 1
-            for batch in batches(lengths, args.max_frames, rng, shortest_first=epoch == 1 and not args.init_from):
-                if step == args.augment_after:
-                    model.config.mask_time_prob, model.config.mask_feature_prob = spec_augment
-                progress = max(step / args.max_steps, (time.time() - start) / (args.minutes * 60))
-                if progress >= 1.0:
-                    done = True
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(progress, step)
-                x, mask = collate([feats[i] for i in batch])
-                longest = max(len(labels[i]) for i in batch)
-                y = torch.full((len(batch), longest), -100, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    y[row, : len(labels[i])] = torch.tensor(labels[i])
-                loss = model(input_features=x.to(device), attention_mask=mask.to(device), labels=y.to(device)).loss
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                optimizer.step()
-                losses.append(loss.item())
-                step += 1
-                if step % 50 == 0:
-                    rate = (time.time() - start) / step
-                    print(
-                        f"step {step} loss {np.mean(losses[-50:]):.3f} lr {lr_at(progress, step):.2e} "
-                        f"{rate:.2f} s/step progress {progress:.2f}",
-                        flush=True,
-                    )
-                if step % args.eval_every == 0:
-                    cer, acc = evaluate(model, processor, eval_feats, eval_texts)
-                    print(f"eval step {step}: CER {cer:.4f} exact {acc:.3f}", flush=True)
-                    if cer < best_cer:
-                        best_cer = cer
-                        model.save_pretrained(args.out)
-                        processor.save_pretrained(args.out)
-        cer, acc = evaluate(model, processor, eval_feats, eval_texts)
-        print(f"final step {step}: CER {cer:.4f} exact {acc:.3f}; {(time.time() - start) / 60:.1f} min", flush=True)
+def train(args, processor, train_batches, eval_feats, eval_texts, device, buffer) -> None:
+    if args.init_from:
+        model = Wav2Vec2BertForCTC.from_pretrained(args.init_from).to(device)
+        args.augment_after = 0  # already off the all-blank plateau
+    else:
+        model = build_model(processor, args.layers, args.hidden).to(device)
+    spec_augment = (model.config.mask_time_prob, model.config.mask_feature_prob)
+    model.config.mask_time_prob = model.config.mask_feature_prob = 0.0  # until CTC has left the plateau
+    print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+
+    def lr_at(progress: float, step: int) -> float:
+        warm = min(1.0, step / args.warmup)
+        return args.lr * warm * (0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    def save_if_best(cer: float) -> None:
+        nonlocal best_cer
         if cer < best_cer:
+            best_cer = cer
             model.save_pretrained(args.out)
             processor.save_pretrained(args.out)
+
+    model.train()
+    step, best_cer, start = 0, float("inf"), time.time()
+    losses: list[float] = []
+    for batch in train_batches:
+        if step == args.augment_after:
+            model.config.mask_time_prob, model.config.mask_feature_prob = spec_augment
+        progress = max(step / args.max_steps, (time.time() - start) / (args.minutes * 60))
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(progress, step)
+        x, mask = collate([f for f, _ in batch])
+        y = torch.full((len(batch), max(len(label) for _, label in batch)), -100, dtype=torch.long)
+        for row, (_, label) in enumerate(batch):
+            y[row, : len(label)] = torch.tensor(label)
+        loss = model(input_features=x.to(device), attention_mask=mask.to(device), labels=y.to(device)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            rate = (time.time() - start) / step
+            made = f" clips {buffer.added} reuse {buffer.reuse():.1f}" if buffer else ""
+            print(
+                f"step {step} loss {np.mean(losses[-50:]):.3f} lr {lr_at(progress, step):.2e} "
+                f"{rate:.3f} s/step progress {progress:.2f}{made}",
+                flush=True,
+            )
+        if step % args.eval_every == 0:
+            cer, acc = evaluate(model, processor, eval_feats, eval_texts)
+            print(f"eval step {step}: CER {cer:.4f} exact {acc:.3f}", flush=True)
+            save_if_best(cer)
+    cer, acc = evaluate(model, processor, eval_feats, eval_texts)
+    print(f"final step {step}: CER {cer:.4f} exact {acc:.3f}; {(time.time() - start) / 60:.1f} min", flush=True)
+    save_if_best(cer)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The training helpers that run without a data set: the replay buffer of streamed clips and the espeak-ng bundle."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from training.stream import ReplayBuffer
+from training.train import batches
+
+
+def _clip(frames: int) -> tuple[np.ndarray, list[int]]:
+    return np.zeros((frames, 160), np.float16), [3, 4]
+
+
+def test_replay_buffer_keeps_the_newest_clips_and_bounds_batches():
+    buffer = ReplayBuffer(capacity=50, max_frames=1000, rng=random.Random(0))
+    for i in range(120):
+        buffer.add(*_clip(10 + i))  # length tells the clip's age
+    assert buffer.added == 120 and len(buffer.items) == 50
+    assert sorted(len(f) for f, _ in buffer.items) == list(range(80, 130))  # the oldest 70 were replaced
+    drawn = 0
+    for _ in range(20):
+        batch = buffer.next_batch(batches)
+        assert batch and len(batch) * max(len(f) for f, _ in batch) <= 1000
+        drawn += len(batch)
+    assert buffer.drawn == drawn
+    assert buffer.reuse() == pytest.approx(drawn / 120)
+
+
+@pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("cc")), reason="needs espeak-ng and a C compiler")
+def test_bundled_espeak_speaks_exactly_like_the_system_one(tmp_path, monkeypatch):
+    from training.bundle_espeak import bundle
+    from training.synth import espeak_variants, speak
+
+    system = speak("صباح الخير", "klatt", speed=150, pitch=40)
+    system_variants = espeak_variants()
+    bundle(tmp_path / "espeak")
+    monkeypatch.setenv("ESPEAK_NG", str(tmp_path / "espeak"))
+    monkeypatch.setenv("PATH", "/nonexistent")  # the bundle must not need the system's program
+    np.testing.assert_array_equal(speak("صباح الخير", "klatt", speed=150, pitch=40), system)
+    assert espeak_variants() == system_variants
