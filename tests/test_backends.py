@@ -52,30 +52,7 @@ def test_optimized_backend_agrees_with_fp32_on_the_fixture_clips(backend, output
     assert agreeing / frames >= 0.99
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            Backend.TORCH_INT8,
-            marks=pytest.mark.xfail(
-                reason="KNOWN MISS: torch dynamic int8 changes a letter on one or two of the 30 fixture clips with the "
-                "retrained bundled models, though frame agreement stays >= 99 %; `auto` rejects a backend whose "
-                "transcript of its calibration clip differs, and does not pick torch-int8 here",
-                strict=False,
-            ),
-        ),
-        Backend.ONNX_FP32,
-        pytest.param(
-            Backend.ONNX_INT8,
-            marks=pytest.mark.xfail(
-                reason="KNOWN MISS since the fifth bundled checkpoint: ONNX int8 changes a letter of shukran.mp3; on "
-                "the 500 held-out evaluation clips it gives the same CER (0.1646) and word accuracy (0.390) as "
-                "torch fp32 and one exact match fewer (0.410 vs 0.412), at about half the inference time",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", OPTIMIZED)
 def test_optimized_backend_keeps_the_bundled_models_transcripts(backend, outputs, bundled_fp32, fixture_audio):
     changed = [
         name
