@@ -6,6 +6,7 @@ import io
 import os
 import signal
 import struct
+import sys
 import time
 
 import av
@@ -143,30 +144,103 @@ def test_live_webm_without_a_declared_duration_decodes():
     assert abs(len(decode(data)) - 2.2 * SAMPLE_RATE) <= 0.03 * SAMPLE_RATE
 
 
-@pytest.mark.parametrize("seconds", [1.0, 1.6, 2.2, 12.0])
-def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
-    """The second half's decoder starts 200 ms early and drops that output: the joined samples are one decoder's,
-    to within rounding at the seam, and none are lost or doubled. (With the RFC's 80 ms the 1.6 s clip was up to
-    0.05 off for ~100 ms after the seam.)"""
-    import threading
+def _stereo_opus(left: np.ndarray, right: np.ndarray, container: str) -> bytes:
+    """Two different channels at 48 kHz through FFmpeg's libopus encoder (``training.synth.encode`` writes copies)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream("libopus", rate=48_000, layout="stereo")
+        planar = np.stack([left, right]).astype(np.float32)
+        for start in range(0, planar.shape[1], 960):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + 960]), format="fltp",
+                                               layout="stereo")  # fmt: skip
+            frame.sample_rate, frame.pts = 48_000, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
 
+
+def _decode_both_ways(data: bytes, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    """decode() through libopus (checking that it was used), then through FFmpeg's own Opus decoder and soxr."""
     import worker.audio as audio_module
 
-    data = _webm_opus(seconds)
-    with av.open(io.BytesIO(data), format="matroska") as container:
-        one = np.concatenate([f.to_ndarray()[0] for f in container.decode(audio=0)])
-    started = []
+    if sys.platform == "linux":  # PyAV's manylinux wheels carry libopus; elsewhere FFmpeg may be all there is
+        assert audio_module._libopus() is not None
+    elif audio_module._libopus() is None:
+        pytest.skip("no libopus to load here: FFmpeg decodes Opus")
+    calls = []
+    real = audio_module._decode_opus
+    monkeypatch.setattr(audio_module, "_decode_opus", lambda *args: calls.append(1) or real(*args))
+    through_libopus = decode(data)
+    assert calls == [1]
+    monkeypatch.setattr(audio_module, "_libopus", lambda: None)
+    return through_libopus, decode(data)
 
-    class CountingThread(threading.Thread):
-        def start(self):
-            started.append(self.name)
-            super().start()
 
-    monkeypatch.setattr(audio_module.threading, "Thread", CountingThread)
-    two, rate = audio_module._decode_ffmpeg(data, "webm", max_audio_s=60)
-    assert rate == 48_000 and len(two) == len(one)
-    assert np.abs(two - one).max() < 0.002 and np.corrcoef(two, one)[0, 1] > 0.99999
-    assert len(started) == (1 if seconds >= 1.5 else 0)  # short clips are not worth a second thread
+@pytest.mark.parametrize("fmt", ["webm", "ogg"])
+@pytest.mark.parametrize("seconds", [1.0, 2.2, 12.0])
+def test_opus_decoded_by_libopus_matches_ffmpegs_decoder(fmt, seconds, monkeypatch):
+    """libopus at 16 kHz gives FFmpeg's samples (its decoder at 48 kHz, then soxr): the same count, the container's
+    pre-skip and end trimming applied the same way, and the same signal."""
+    from bench.__main__ import speech
+    from training.synth import encode
+
+    ours, ffmpeg = _decode_both_ways(encode(speech(seconds), fmt), monkeypatch)
+    assert len(ours) == len(ffmpeg)
+    assert np.corrcoef(ours, ffmpeg)[0, 1] > 0.9999 and np.abs(ours - ffmpeg).max() < 0.01
+
+
+@pytest.mark.parametrize("container", ["webm", "ogg"])
+def test_stereo_opus_is_downmixed_by_averaging(container, monkeypatch):
+    t = np.arange(48_000 * 2) / 48_000
+    left = (np.sin(2 * np.pi * 300 * t) * 0.5).astype(np.float32)
+    ours, ffmpeg = _decode_both_ways(_stereo_opus(left, -left * 0.5, container), monkeypatch)
+    assert len(ours) == len(ffmpeg)
+    assert np.abs(ours - ffmpeg).max() < 0.01
+    middle = slice(SAMPLE_RATE // 4, -SAMPLE_RATE // 4)
+    assert np.sqrt(np.mean(ours[middle] ** 2)) == pytest.approx(0.25 * 0.5 / np.sqrt(2), rel=0.05)  # (L + R) / 2
+
+
+def test_opus_packets_straight_to_libopus():
+    """The OpusHead's pre-skip, and damaged packets: libopus refuses a malformed one (code 3, zero frames).
+    FFmpeg's demuxers drop most such packets before any decoder sees them, so packets are handed over directly."""
+    import worker.audio as audio_module
+
+    lib = audio_module._libopus()
+    if lib is None:
+        pytest.skip("no libopus to load here")
+
+    class Packets:  # what _decode_opus reads from a demuxer: its packets
+        def __init__(self, *payloads: bytes) -> None:
+            self.payloads = payloads
+
+        def demux(self, stream):
+            return (av.Packet(payload) for payload in self.payloads)
+
+    silence, damaged = b"\xf8\xff\xfe", b"\xfb\x00"  # a 20 ms CELT frame of silence; an invalid packet
+    assert len(audio_module._decode_opus(lib, Packets(silence, silence), None, 30, 0)) == 2 * 320
+    # no skip samples from the container: the OpusHead's pre-skip (312 at 48 kHz) is dropped, as FFmpeg drops it
+    assert len(audio_module._decode_opus(lib, Packets(silence, silence), None, 30, 312)) == 2 * 320 - 104
+    with pytest.raises(InvalidAudio) as cut:
+        audio_module._decode_opus(lib, Packets(silence, silence, damaged), None, 30, 0)
+    assert cut.value.reason == "truncated"
+    with pytest.raises(InvalidAudio) as bad:
+        audio_module._decode_opus(lib, Packets(damaged, silence), None, 30, 0)
+    assert bad.value.reason == "corrupt"
+
+
+def test_only_plain_opus_headers_go_to_libopus():
+    from worker.audio import _opus_head_is_plain
+
+    def head(channels=1, gain=0, family=0, magic=b"OpusHead"):
+        return magic + bytes([1, channels]) + struct.pack("<HIhB", 312, 48_000, gain, family)
+
+    assert _opus_head_is_plain(head()) and _opus_head_is_plain(head(channels=2))
+    assert not _opus_head_is_plain(head(gain=256))  # +1 dB output gain: FFmpeg applies it
+    assert not _opus_head_is_plain(head(channels=6, family=1))  # surround: a multistream decoder's job
+    assert not _opus_head_is_plain(head(magic=b"OpusTags"))
+    assert not _opus_head_is_plain(head()[:18]) and not _opus_head_is_plain(None)
 
 
 def test_zero_length():

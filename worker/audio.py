@@ -2,17 +2,20 @@
 
 WAV and FLAC go through libsndfile (soundfile); everything else through FFmpeg's libraries (PyAV), from memory,
 with the demuxer forced from an allow-list chosen by magic bytes: FFmpeg never probes, so playlist/concat/image
-demuxers that can open other files or URLs are never reached. Durations and sample counts are checked while
-decoding, so a tiny file that claims or expands to hours is refused early. Resampling is soxr's.
+demuxers that can open other files or URLs are never reached. Opus (most uploads: browsers record it) is decoded by
+libopus itself, straight to 16 kHz. Durations and sample counts are checked while decoding, so a tiny file that
+claims or expands to hours is refused early. Resampling is soxr's.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import io
 import math
-import os
-import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import numpy as np
@@ -43,16 +46,17 @@ _CODECS = {
 # OGG is not among them: libsndfile decodes Opus 4x slower than FFmpeg (21 ms vs 5 ms for 2.2 s, `make bench`).
 _SOUNDFILE_CONTAINERS = {"wav", "flac"}
 
-# Opus is most of the uploads and its decoder is most of their decode time. FFmpeg decodes with the GIL released, so
-# a second decoder, started on packets before the middle and its output for them dropped, decodes the second half
-# on another core. RFC 7845 (section 4.6) asks for 80 ms of such pre-roll; measured, 80 ms left the seam up to 0.05
-# off one decoder's samples for ~100 ms on some clips, 200 ms under 0.001 (`tests/test_audio.py`), for 2-4 % more
-# time. On the 2-core dev machines (where two busy cores each run ~1.7x slower than one) the split saved 8 % at
-# 2.2 s and 20 % at 30 s; under 1.5 s, nothing. (Resampling the halves in their threads too, and demuxing in the
-# helper thread while this one decodes, were both measured and gained nothing.)
-_OPUS_PREROLL_S = 0.2
+# Opus is most of the uploads and its decoder most of their decode time. FFmpeg's libraries only demux it here:
+# libopus decodes the packets (through ctypes, which releases the GIL) straight to 16 kHz mono, so nothing is
+# resampled or downmixed afterwards and no frame objects are made per 20 ms packet. On the 2-core dev machine
+# (interleaved A/B, medians): 2.2 s WebM 4.3 ms with FFmpeg's decoder + soxr, 3.6 ms this way; 30 s 52 -> 42 ms.
+# FFmpeg's decoder in two threads on the two halves (the previous design) took 5.4 ms there, and libopus in two
+# threads gained under 0.1 ms: these 2 cores give ~1.3x for two busy threads. libopus is the one inside the PyAV
+# wheel, or the system's; without one, or for what libopus's plain decoder does not cover (surround mapping, an
+# output gain), FFmpeg decodes.
 _OPUS_MIN_FRAME_S = 0.0025  # more packets than max_audio_s / this is too long whatever they hold
-_SPLIT_MIN_S = 1.5
+_OPUS_MAX_FRAME = SAMPLE_RATE * 120 // 1000  # samples of the longest Opus packet (120 ms)
+_OPUS_RATE_RATIO = 48_000 // SAMPLE_RATE  # Opus timestamps and skips count 48 kHz samples
 # A Matroska/WebM file that says how long it is (MediaRecorder's live files do not) and decodes to this much less
 # was cut off: its demuxer just stops at the cut, without an error.
 _DECLARED_DURATION_SLACK_S = 0.1
@@ -164,8 +168,12 @@ def _decode_ffmpeg(data: bytes, container: str, max_audio_s: float) -> tuple[np.
                 raise InvalidAudio("unsupported_codec", "the audio codec is unknown")
             if stream.codec_context.name not in _CODECS:
                 raise InvalidAudio("unsupported_codec", f"audio codec {stream.codec_context.name!r} is not accepted")
-            if stream.codec_context.name == "opus" and (os.cpu_count() or 1) > 1:
-                rate = _decode_opus_split(demuxer, stream, max_audio_s, chunks)
+            opus = _libopus() if stream.codec_context.name == "opus" else None
+            head = bytes(stream.codec_context.extradata or b"")
+            if opus is not None and _opus_head_is_plain(head):
+                pre_skip = int.from_bytes(head[10:12], "little")
+                chunks.append(_decode_opus(opus, demuxer, stream, max_audio_s, pre_skip)[None])
+                rate = SAMPLE_RATE
             else:
                 rate = _decode_frames(demuxer.decode(stream), max_audio_s, chunks)
             declared_s = demuxer.duration / 1e6 if container == "webm" and demuxer.duration else None
@@ -202,56 +210,90 @@ def _decode_frames(frames: Iterator[av.AudioFrame], max_audio_s: float, chunks: 
     return rate
 
 
-def _decode_opus_split(demuxer, stream, max_audio_s: float, chunks: list[np.ndarray]) -> int:
-    """Decode an Opus stream in two halves at once (see ``_OPUS_PREROLL_S``); the same samples within
-    rounding as one decoder, since the second half's decoder first runs over >= 200 ms of pre-roll packets and its
-    output for them is dropped."""
+@functools.cache
+def _libopus() -> ctypes.CDLL | None:
+    """libopus with its decoder functions typed, or None when there is none to load (then FFmpeg decodes Opus)."""
+    if not hasattr(av.Packet, "has_sidedata"):  # PyAV too old to show the container's skip samples
+        return None
+    bundled = sorted((Path(av.__file__).parent.parent / "av.libs").glob("libopus*.so*"))  # PyAV's manylinux wheels
+    for candidate in [*map(str, bundled), ctypes.util.find_library("opus")]:
+        if not candidate:
+            continue
+        try:
+            lib = ctypes.CDLL(candidate)
+        except OSError:
+            continue
+        lib.opus_decoder_create.restype = ctypes.c_void_p
+        lib.opus_decoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        lib.opus_decode_float.restype = ctypes.c_int
+        lib.opus_decode_float.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                                          ctypes.c_int, ctypes.c_int]  # fmt: skip
+        lib.opus_decoder_destroy.restype = None
+        lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+        return lib
+    return None
+
+
+def _opus_head_is_plain(extradata: bytes | None) -> bool:
+    """An OpusHead (RFC 7845 5.1) that libopus's single-stream decoder plays as FFmpeg would: mono or stereo,
+    channel mapping family 0, no output gain."""
+    head = bytes(extradata or b"")
+    return (
+        len(head) >= 19
+        and head[:8] == b"OpusHead"
+        and head[9] in (1, 2)
+        and head[16:18] == b"\0\0"  # output gain, Q7.8 dB
+        and head[18] == 0
+    )
+
+
+def _skip_samples(packet: av.Packet) -> tuple[int, int] | None:
+    """Samples (48 kHz) the container says to drop at the start and end of this packet's output (FFmpeg's
+    AV_PKT_DATA_SKIP_SAMPLES: pre-skip on the first packet, end trimming on the last), if it says so."""
+    if not packet.has_sidedata("skip_samples"):
+        return None
+    data = bytes(packet.get_sidedata("skip_samples"))
+    return int.from_bytes(data[0:4], "little"), int.from_bytes(data[4:8], "little")
+
+
+def _decode_opus(lib: ctypes.CDLL, demuxer, stream, max_audio_s: float, pre_skip: int) -> np.ndarray:
+    """Every packet of an Opus stream through libopus at 16 kHz mono (a stereo stream is downmixed by the decoder),
+    trimmed as FFmpeg trims it: the first packet's skip samples, else the OpusHead's ``pre_skip`` (48 kHz samples),
+    at the start, and the last packet's end trimming (within that packet) at the end."""
     packets = []
     for packet in demuxer.demux(stream):
         if packet.size:
             packets.append(packet)
             if len(packets) > max_audio_s / _OPUS_MIN_FRAME_S:
                 raise _too_long(max_audio_s)
-    time_base = float(stream.time_base or 0)
-    starts = np.cumsum([0.0] + [float(p.duration or 0) * time_base for p in packets])
-    middle = int(np.searchsorted(starts, (starts[-1] + _OPUS_PREROLL_S) / 2))  # equal work, pre-roll included
-    preroll = int(np.searchsorted(starts, starts[middle] - _OPUS_PREROLL_S, side="right")) - 1
-    if starts[-1] < _SPLIT_MIN_S or not 0 < preroll < middle < len(packets):
-        return _decode_frames(_decode_packets(stream.codec_context, packets), max_audio_s, chunks)
-
-    second = av.CodecContext.create("opus", "r")
-    second.extradata = stream.codec_context.extradata
-    second.sample_rate = stream.codec_context.sample_rate
-    second.layout = stream.codec_context.layout
-    tail: list[np.ndarray] = []
-    outcome: list[BaseException | int] = []
-
-    def decode_second_half() -> None:
-        try:
-            for _ in _decode_packets(second, packets[preroll:middle]):
-                pass  # pre-roll: the decoder converges, its output is dropped
-            outcome.append(_decode_frames(_decode_packets(second, packets[middle:]), max_audio_s, tail))
-        except BaseException as exc:  # re-raised in the calling thread, which maps it to a reason
-            outcome.append(exc)
-
-    thread = threading.Thread(target=decode_second_half, name="opus-second-half")
-    thread.start()
+    if not packets:
+        raise InvalidAudio("zero_length", "the file contains no audio samples")
+    first, last = _skip_samples(packets[0]), _skip_samples(packets[-1])
+    skip_start = (first[0] if first else pre_skip) // _OPUS_RATE_RATIO
+    skip_end = last[1] // _OPUS_RATE_RATIO if last else 0
+    # a pre-skip is milliseconds; a hostile one must not buy decoding time past the limit
+    limit = int(math.ceil(max_audio_s * SAMPLE_RATE)) + min(skip_start, SAMPLE_RATE)
+    out = np.empty(min(len(packets), limit // _OPUS_MAX_FRAME + 2) * _OPUS_MAX_FRAME, np.float32)
+    error = ctypes.c_int()
+    decoder = lib.opus_decoder_create(SAMPLE_RATE, 1, ctypes.byref(error))
+    if not decoder:
+        raise InvalidAudio("corrupt", f"libopus refused the stream (error {error.value})")
     try:
-        rate = _decode_frames(_decode_packets(stream.codec_context, packets[:middle]), max_audio_s, chunks)
+        base, end, n = out.ctypes.data, 0, 0
+        for packet in packets:
+            if end > limit:
+                raise _too_long(max_audio_s)
+            n = lib.opus_decode_float(decoder, packet.buffer_ptr, packet.size, base + 4 * end, _OPUS_MAX_FRAME, 0)
+            if n < 0:  # a damaged packet: after good ones, the upload breaks off part-way
+                if end:
+                    raise InvalidAudio("truncated", "the audio stream breaks off part-way (cut off or damaged)")
+                raise InvalidAudio("corrupt", "the audio could not be decoded (invalid Opus packet)")
+            end += n
     finally:
-        thread.join()
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    rate = rate or outcome[0]  # the first half may have given no frames at all
-    chunks += tail
-    if sum(c.shape[1] for c in chunks) > max_audio_s * rate:
+        lib.opus_decoder_destroy(decoder)
+    if end > limit:
         raise _too_long(max_audio_s)
-    return rate
-
-
-def _decode_packets(decoder: av.CodecContext, packets: list) -> Iterator[av.AudioFrame]:
-    for packet in packets:
-        yield from decoder.decode(packet)
+    return out[skip_start : max(skip_start, end - min(skip_end, n))]
 
 
 # FFmpeg sample formats (planar ones end in "p") -> numpy dtypes
