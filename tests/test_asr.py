@@ -32,6 +32,28 @@ def test_bundled_model_loads_with_auto_classes():
     assert set(ARABIC_LETTERS) <= set(model.id_to_token)
 
 
+def test_load_model_keeps_numpys_blas_to_one_thread(tiny_wav2vec2):
+    """In a fresh process (this one has loaded models already): numpy's BLAS starts with a thread per core, and
+    load_model leaves it one, so its idle threads do not spin against the inference runtime and the decoder."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: BLAS has one thread anyway")
+    script = (
+        "import json, sys; from threadpoolctl import threadpool_info; import numpy; from worker.asr import load_model\n"
+        "blas = lambda: [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']\n"
+        "before = blas(); load_model(sys.argv[1]); print(json.dumps([before, blas()]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script, str(tiny_wav2vec2)], capture_output=True, text=True,
+                         check=True, env=env, timeout=120).stdout.splitlines()[-1]  # fmt: skip
+    before, after = json.loads(out)
+    assert max(before) > 1 and after == [1] * len(before)
+
+
 def test_select_device_without_gpu():
     if torch.cuda.is_available():
         assert select_device(3).index == 3 % torch.cuda.device_count()
