@@ -129,6 +129,10 @@ def _too_long(max_audio_s: float) -> InvalidAudio:
     return InvalidAudio("audio_too_long", f"audio is longer than the {max_audio_s:g} s limit")
 
 
+def _broke_off() -> InvalidAudio:
+    return InvalidAudio("truncated", "the audio stream breaks off part-way (cut off or damaged)")
+
+
 def _check_wav_not_truncated(data: bytes) -> None:
     """libsndfile quietly reads what is there when the data chunk promises more bytes than the file has."""
     pos = 12
@@ -188,7 +192,7 @@ def _decode_ffmpeg(data: bytes, container: str, max_audio_s: float) -> tuple[np.
         # it decoded, then broke off, or the demuxer ran out of bytes (OGG reads its last page while opening):
         # a partial upload, not one to transcribe half of
         if chunks or isinstance(exc, av.error.EOFError):
-            raise InvalidAudio("truncated", "the audio stream breaks off part-way (cut off or damaged)") from None
+            raise _broke_off() from None
         raise InvalidAudio("corrupt", f"the audio could not be decoded ({type(exc).__name__})") from None
     if not chunks:
         raise InvalidAudio("zero_length", "the file contains no audio samples")
@@ -337,7 +341,7 @@ def _opus_run(lib: ctypes.CDLL, packets: list, limit: int, warm_up: int, after_a
             n = lib.opus_decode_float(decoder, packet.buffer_ptr, packet.size, base + 4 * end, _OPUS_MAX_FRAME, 0)
             if n < 0:  # a damaged packet: after good ones, the upload breaks off part-way
                 if end or after_audio:
-                    raise InvalidAudio("truncated", "the audio stream breaks off part-way (cut off or damaged)")
+                    raise _broke_off()
                 raise InvalidAudio("corrupt", "the audio could not be decoded (invalid Opus packet)")
             end += n
     finally:
