@@ -8,6 +8,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL_DIR = REPO_ROOT / "models" / "arabic-words-small"
+BUNDLED_LEXICON = REPO_ROOT / "worker" / "data" / "ar-words.txt.gz"
 
 
 def _env(name: str, default: str) -> str:
@@ -36,6 +37,13 @@ class Settings:
     ASR_BACKEND: str = field(default_factory=lambda: _env("ASR_BACKEND", "auto"))
     # ONNX exports and `auto`'s measurements, keyed by a hash of the checkpoint. Empty = ~/.cache/arabic-words.
     ASR_CACHE_DIR: str = field(default_factory=lambda: _env("ASR_CACHE_DIR", ""))
+    # Decoding: CTC beam search of this width; 1 = greedy (best path).
+    ASR_BEAM_SIZE: int = field(default_factory=lambda: int(_env("ASR_BEAM_SIZE", "12")))
+    # Word list the beam search prefers (one word per line, optionally .gz); "none" = no list. Default: the
+    # bundled hunspell-ar list (worker/data/ar-words.txt.gz), used with Arabic vocabularies only.
+    ASR_LEXICON: str = field(default_factory=lambda: _env("ASR_LEXICON", str(BUNDLED_LEXICON)))
+    # Log-probability a word outside the list costs in the beam search (0 = the list changes nothing).
+    ASR_LEXICON_PENALTY: float = field(default_factory=lambda: float(_env("ASR_LEXICON_PENALTY", "2.0")))
     # Dynamic batching: >1 runs the worker with a threads pool of this many jobs whose forward passes are
     # grouped into batches of up to this size (meant for GPUs; on a 2-core CPU batching buys little).
     BATCH_MAX_SIZE: int = field(default_factory=lambda: int(_env("BATCH_MAX_SIZE", "1")))
