@@ -10,6 +10,7 @@ import pytest
 from shared.config import Settings
 from tests.conftest import DATA, start_worker, stop_worker, wait_for
 from worker.asr import load_model
+from worker.lifecycle import build_decoder
 from worker.pipeline import transcribe_bytes
 
 CLIPS = ["marhaba.webm", "shukran.webm", "sabah_alkhayr.webm", "marhaba.ogg", "shukran.mp3", "kitab.wav"]
@@ -51,6 +52,7 @@ def test_concurrent_jobs_are_batched_and_keep_their_transcripts(batching_client,
     single = load_model(
         batching_settings.ASR_MODEL, backend=backend, cache_dir=batching_settings.ASR_CACHE_DIR, threads=1
     )
+    single = dataclasses.replace(single, decoder=build_decoder(single, batching_settings))  # beam and word list
     for data, result in zip(uploads, results, strict=True):
         assert result["backend"] == backend
         assert result["text"] == transcribe_bytes(single, data, max_audio_s=20).text
