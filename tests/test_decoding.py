@@ -116,7 +116,7 @@ def test_arabic_share_of_a_vocabulary():
 
 
 # ------------------------------------------------------------------------ the worker's decoder from settings
-def test_build_decoder_follows_the_settings(tiny_wav2vec2, tmp_path, caplog):
+def test_build_decoder_follows_the_settings(tiny_wav2vec2, tmp_path):
     from worker.lifecycle import build_decoder
 
     model = load_model(str(tiny_wav2vec2))
@@ -132,7 +132,7 @@ def test_build_decoder_follows_the_settings(tiny_wav2vec2, tmp_path, caplog):
         build_decoder(model, Settings.from_env(ASR_LEXICON=str(tmp_path / "missing.txt")))
 
 
-def test_a_latin_vocabulary_gets_no_arabic_word_list(tmp_path, caplog):
+def test_a_latin_vocabulary_gets_no_arabic_word_list(caplog):
     from dataclasses import replace
 
     from worker.lifecycle import build_decoder

@@ -375,18 +375,15 @@ def _greedy_words(
     return spans
 
 
-def _split_words(labels: list[int], delimiter_id: int | None) -> list[tuple[int, ...]]:
-    words, word = [], []
-    for label in labels:
+def _word_positions(labels: list[int], delimiter_id: int | None) -> list[list[int]]:
+    """Indices into ``labels`` of each word's letters (words are split at the delimiter; empty ones dropped)."""
+    words: list[list[int]] = [[]]
+    for i, label in enumerate(labels):
         if label == delimiter_id:
-            if word:
-                words.append(tuple(word))
-            word = []
+            words.append([])
         else:
-            word.append(label)
-    if word:
-        words.append(tuple(word))
-    return words
+            words[-1].append(i)
+    return [word for word in words if word]
 
 
 def _beam_agreement(
@@ -395,9 +392,9 @@ def _beam_agreement(
     """For each chosen word: the beam's probability share of hypotheses with the same word in the same place."""
     shares = [0.0] * len(chosen)
     for labels, share in beam:
-        words = _split_words(labels, delimiter_id)
+        words = [[labels[i] for i in word] for word in _word_positions(labels, delimiter_id)]
         for k, word in enumerate(chosen):
-            if k < len(words) and words[k] == tuple(word):
+            if k < len(words) and words[k] == word:
                 shares[k] += share
     return shares
 
@@ -406,20 +403,12 @@ def _aligned_words(
     log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None
 ) -> list[tuple[int, int, list[int]]]:
     """A decoded label sequence split into words at the delimiter, each timed by the Viterbi alignment."""
-    spans: list[tuple[int, int, list[int]]] = []
-    word: list[tuple[int, tuple[int, int]]] = []
     # the beam built ``labels`` from these frames, so a path exists; a NaN frame would leave none: no timings then
     timed = align(log_probs, labels, blank_id) or [(0, 0)] * len(labels)
-    for label, frames in zip(labels, timed, strict=True):
-        if label == delimiter_id:
-            if word:
-                spans.append((word[0][1][0], word[-1][1][1], [lab for lab, _ in word]))
-            word = []
-        else:
-            word.append((label, frames))
-    if word:
-        spans.append((word[0][1][0], word[-1][1][1], [lab for lab, _ in word]))
-    return spans
+    return [
+        (timed[word[0]][0], timed[word[-1]][1], [labels[i] for i in word])
+        for word in _word_positions(labels, delimiter_id)
+    ]
 
 
 def transcribe_audio(loaded: LoadedModel, audio: np.ndarray, log_probs: np.ndarray | None = None) -> Transcript:

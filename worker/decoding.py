@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.text import normalize_arabic
+from shared.text import is_model_text, normalize_arabic
 from worker.lexicon import Lexicon
 
 _NEG = -1e30
@@ -73,7 +73,7 @@ class BeamDecoder:
     def arabic_share(self) -> float:
         """Share of the writing labels that are Arabic letters (a lexicon only makes sense for Arabic models)."""
         writing = [s for s in self.letters if s]
-        arabic = [s for s in writing if all("\u0621" <= c <= "\u064a" for c in s)]
+        arabic = [s for s in writing if is_model_text(s)]
         return len(arabic) / max(len(writing), 1)
 
     def _word_score(self, word: str) -> float:
