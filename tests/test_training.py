@@ -43,3 +43,23 @@ def test_bundled_espeak_speaks_exactly_like_the_system_one(tmp_path, monkeypatch
     monkeypatch.setenv("PATH", "/nonexistent")  # the bundle must not need the system's program
     np.testing.assert_array_equal(speak("صباح الخير", "klatt", speed=150, pitch=40), system)
     assert espeak_variants() == system_variants
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="needs espeak-ng")
+def test_clip_stream_stops_promptly_when_nobody_reads_any_more():
+    """A training run's end must not wait on producers blocked writing clips that nobody will read."""
+    import time
+
+    from training.stream import ClipStream
+
+    stream = ClipStream(["كتاب", "مدرسة", "صباح الخير"], [None], workers=3, seed=0)
+    try:
+        clips = stream.take(wait_for=3, limit=3)
+        assert len(clips) == 3 and all(feats.ndim == 2 and text for feats, text in clips)
+        time.sleep(4)  # the producers fill the queue's pipe and block in their writer threads
+    finally:
+        started = time.monotonic()
+        stream.close(grace_s=1.0)
+        closing_s = time.monotonic() - started
+    assert not any(proc.is_alive() for proc in stream._procs)
+    assert closing_s < 1.0 + 3 * 1.0 + 1.0  # the grace for all of them, then at most a second per terminate

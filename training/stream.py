@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -39,6 +40,9 @@ def _produce(seed: int, words: list[str], voices: list, out: mp.Queue, stop) -> 
                 break
             except queue.Full:
                 pass
+    # clips still in this process's pipe buffer are not wanted any more; without this the exit waits for a
+    # reader that has stopped reading (multiprocessing's "joining processes that use queues")
+    out.cancel_join_thread()
 
 
 class ClipStream:
@@ -80,12 +84,18 @@ class ClipStream:
                     break
         return items
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 5.0) -> None:
+        """Stop the producers: ``grace_s`` for all of them together (not each), then terminate the rest."""
         self._stop.set()
+        deadline = time.monotonic() + grace_s
         for proc in self._procs:
-            proc.join(timeout=5)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self._procs:
             if proc.is_alive():
                 proc.terminate()
+                proc.join(timeout=1)
+        self._queue.cancel_join_thread()
+        self._queue.close()
 
 
 class ReplayBuffer:
