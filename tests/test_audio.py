@@ -18,8 +18,9 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.audio_format import sniff_container
 from tests.conftest import DATA, read_transcripts
-from worker.audio import SAMPLE_RATE, InvalidAudio, decode, sniff_container
+from worker.audio import SAMPLE_RATE, InvalidAudio, decode
 
 CLIPS = sorted(read_transcripts())
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))

@@ -126,6 +126,27 @@ def test_wrong_content_type_is_415(client):
     assert response.get_json()["error"]["code"] == "unsupported_media_type"
 
 
+def test_upload_that_is_not_an_audio_container_is_415_and_stores_nothing(client, settings):
+    r = redis.Redis.from_url(settings.REDIS_URL)
+
+    def job_keys() -> set[bytes]:
+        return set(r.scan_iter(keys.job("*"))) | set(r.scan_iter(keys.upload("*")))
+
+    keys_before = job_keys()
+    text = (DATA.parent.parent / "README.md").read_bytes()[:4000]
+    for response in (
+        client.post("/v1/transcriptions", data={"file": (io.BytesIO(text), "notes.webm")},
+                    content_type="multipart/form-data"),
+        client.post("/v1/transcriptions", data=b"PK\x03\x04" + np.random.default_rng(1).bytes(5000),
+                    content_type="audio/webm"),  # a zip file
+        client.post("/v1/transcriptions", data=b"<html><body>hi</body></html>", content_type="audio/wav"),
+    ):  # fmt: skip
+        assert response.status_code == 415
+        error = response.get_json()["error"]
+        assert error["code"] == "invalid_audio" and "WebM" in error["message"]
+    assert not job_keys() - keys_before  # no upload stored, no job record (so nothing was queued)
+
+
 def test_expected_too_long_is_400(client):
     response = post_file(client, DATA / "kitab.flac", expected="ب" * 501)
     assert response.status_code == 400
@@ -150,7 +171,10 @@ def test_oversize_upload_is_413(app, client, multipart):
 
 
 def test_garbage_fails_the_job_and_the_worker_keeps_serving(client, settings):
-    bad = client.post("/v1/transcriptions", data=np.random.default_rng(1).bytes(5000), content_type="audio/webm")
+    # WebM's magic bytes and then noise: past the upload's format check, refused by the worker's decoder
+    garbage = b"\x1a\x45\xdf\xa3" + np.random.default_rng(1).bytes(5000)
+    bad = client.post("/v1/transcriptions", data=garbage, content_type="audio/webm")
+    assert bad.status_code == 202
     done = wait_for(client, bad.get_json()["id"])
     assert done["status"] == "failed"
     assert done["result"] is None

@@ -8,6 +8,7 @@ import time
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from shared import keys
+from shared.audio_format import UNRECOGNIZED_FORMAT_MESSAGE, sniff_container
 from shared.jobs import JobStore
 from shared.queue import TRANSCRIBE_TASK
 from shared.schema import ErrorCode
@@ -45,6 +46,8 @@ def _read_upload(limit: int) -> bytes:
         raise ApiError(413, ErrorCode.UPLOAD_TOO_LARGE, f"uploads are limited to {limit} bytes")
     if not data:
         raise ApiError(400, ErrorCode.EMPTY_UPLOAD, "the uploaded file is empty")
+    if sniff_container(data) is None:  # the worker would refuse it too: say so now, store and queue nothing
+        raise ApiError(415, ErrorCode.INVALID_AUDIO, UNRECOGNIZED_FORMAT_MESSAGE)
     return data
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from shared.audio_format import UNRECOGNIZED_FORMAT_MESSAGE, sniff_container
 from shared.config import Settings
 
 SAMPLE_RATE = 16_000
@@ -76,31 +77,6 @@ class InvalidAudio(ValueError):
         self.message = message
 
 
-def sniff_container(data: bytes) -> str | None:
-    """The container named by ``data``'s magic bytes, or None if it is not one we accept."""
-    head = data[:16]
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "webm"  # EBML: WebM or Matroska
-    if head[4:8] == b"ftyp":
-        return "mp4"
-    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
-        return "aiff"
-    if head[:3] == b"ID3":
-        return "mp3"
-    if len(head) >= 2 and head[0] == 0xFF:
-        if head[1] & 0xF6 == 0xF0:  # ADTS sync word, layer bits 00
-            return "aac"
-        if head[1] & 0xE0 == 0xE0 and head[1] & 0x06:  # MPEG audio frame sync with a layer set
-            return "mp3"
-    return None
-
-
 def decode(data: bytes, *, max_audio_s: float | None = None) -> np.ndarray:
     """Decode an uploaded file to mono float32 samples at 16 kHz.
 
@@ -114,7 +90,7 @@ def decode(data: bytes, *, max_audio_s: float | None = None) -> np.ndarray:
         raise InvalidAudio("empty", "the upload is empty")
     container = sniff_container(data)
     if container is None:
-        raise InvalidAudio("unrecognized_format", "not a recognized audio container (WebM, OGG, MP3, M4A, WAV, FLAC)")
+        raise InvalidAudio("unrecognized_format", UNRECOGNIZED_FORMAT_MESSAGE)
     if container == "wav":
         _check_wav_not_truncated(data)  # a header walk: before any decoding work
     audio, rate = None, 0
