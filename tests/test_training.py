@@ -63,3 +63,22 @@ def test_clip_stream_stops_promptly_when_nobody_reads_any_more():
         closing_s = time.monotonic() - started
     assert not any(proc.is_alive() for proc in stream._procs)
     assert closing_s < 1.0 + 3 * 1.0 + 1.0  # the grace for all of them, then at most a second per terminate
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="needs espeak-ng")
+def test_fresh_eval_set_uses_only_the_held_out_words_and_voices(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from training import make_dataset
+
+    split = {"eval_words": ["كتاب", "مدرسة", "قلم"], "eval_voices": [None], "train_words": ["باب"], "train_voices": []}
+    (tmp_path / "split.json").write_text(json.dumps(split, ensure_ascii=False), encoding="utf-8")
+    argv = ["make_dataset", "--out", str(tmp_path), "--fresh-eval", "23", "--eval-clips", "5"]
+    monkeypatch.setattr(sys, "argv", argv)
+    make_dataset.main()
+    rows = [line.split("\t") for line in (tmp_path / "eval-fresh-23" / "transcripts.tsv").read_text().splitlines()]
+    assert len(rows) == 5
+    assert all((tmp_path / "eval-fresh-23" / name).stat().st_size > 1000 for name, _ in rows)
+    assert {word for _, text in rows for word in text.split()} <= set(split["eval_words"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-fresh-23", "split.json"]  # nothing else built

@@ -135,8 +135,21 @@ def main() -> None:
         help="seed of the training clips (default: --seed); a new one gives fresh clips "
         "with the same held-out split, for continuing a checkpoint",
     )
+    parser.add_argument(
+        "--fresh-eval",
+        type=int,
+        metavar="SEED",
+        help="only build OUT/eval-fresh-SEED: --eval-clips new clips of the held-out words and voices in "
+        "OUT/split.json, for checking a choice made on OUT/eval against clips it was not made on",
+    )
     args = parser.parse_args()
 
+    if args.fresh_eval is not None:
+        split = json.loads((args.out / "split.json").read_text(encoding="utf-8"))
+        out = args.out / f"eval-fresh-{args.fresh_eval}"
+        build_eval(out, split["eval_words"], split["eval_voices"], args.eval_clips, args.fresh_eval)
+        print(f"{args.eval_clips} clips -> {out}", flush=True)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     words = load_words(args.dictionary)
     split = split_words_and_voices(words, espeak_variants(), args.seed)
