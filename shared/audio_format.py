@@ -6,7 +6,7 @@ these name (FFmpeg never probes). One function, so the two cannot disagree.
 
 from __future__ import annotations
 
-UNRECOGNIZED_FORMAT_MESSAGE = "not a recognized audio container (WebM, OGG, MP3, M4A, WAV, FLAC)"
+UNRECOGNIZED_FORMAT_MESSAGE = "not a recognized audio container (WebM, OGG, MP3, M4A, AAC, WAV, FLAC, AIFF)"
 
 
 def sniff_container(data: bytes) -> str | None:

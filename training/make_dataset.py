@@ -145,6 +145,8 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.fresh_eval is not None:
+        if not (args.out / "split.json").exists():
+            parser.error(f"{args.out / 'split.json'} is missing: build it first (--train-clips 0)")
         split = json.loads((args.out / "split.json").read_text(encoding="utf-8"))
         out = args.out / f"eval-fresh-{args.fresh_eval}"
         build_eval(out, split["eval_words"], split["eval_voices"], args.eval_clips, args.fresh_eval)
