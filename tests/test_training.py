@@ -70,6 +70,7 @@ def test_fresh_eval_set_uses_only_the_held_out_words_and_voices(tmp_path, monkey
     import json
     import sys
 
+    from arabic_words.cli import read_manifest
     from training import make_dataset
 
     split = {"eval_words": ["كتاب", "مدرسة", "قلم"], "eval_voices": [None], "train_words": ["باب"], "train_voices": []}
@@ -77,8 +78,8 @@ def test_fresh_eval_set_uses_only_the_held_out_words_and_voices(tmp_path, monkey
     argv = ["make_dataset", "--out", str(tmp_path), "--fresh-eval", "23", "--eval-clips", "5"]
     monkeypatch.setattr(sys, "argv", argv)
     make_dataset.main()
-    rows = [line.split("\t") for line in (tmp_path / "eval-fresh-23" / "transcripts.tsv").read_text().splitlines()]
+    rows = read_manifest(tmp_path / "eval-fresh-23")
     assert len(rows) == 5
-    assert all((tmp_path / "eval-fresh-23" / name).stat().st_size > 1000 for name, _ in rows)
+    assert all(path.stat().st_size > 1000 for path, _ in rows)
     assert {word for _, text in rows for word in text.split()} <= set(split["eval_words"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-fresh-23", "split.json"]  # nothing else built

@@ -94,7 +94,6 @@ class ClipStream:
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=1)
-        self._queue.cancel_join_thread()
         self._queue.close()
 
 

@@ -259,7 +259,7 @@ def _decode_opus(lib: ctypes.CDLL, demuxer, stream, max_audio_s: float, pre_skip
     skip_end = last[1] // _OPUS_RATE_RATIO if last else 0
     # a pre-skip is milliseconds; a hostile one must not buy decoding time past the limit
     limit = int(math.ceil(max_audio_s * SAMPLE_RATE)) + min(skip_start, SAMPLE_RATE)
-    split = _opus_split_points(packets, float(stream.time_base or 0) if stream is not None else 0.0)
+    split = _opus_split_points(packets, float(stream.time_base or 0))
     if split is None:
         audio, last_samples = _opus_run(lib, packets, limit, warm_up=0, after_audio=False)
     else:
