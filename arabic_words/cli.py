@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     redis_url = settings.REDIS_URL
     if not redis_url:
         port = int(os.environ.get("REDIS_PORT", "0")) or free_port()
-        procs["redis"] = start_redis(port, REPO_ROOT / ".run" / "redis")
+        procs["redis"] = start_redis(port, REPO_ROOT / ".run" / "redis", maxmemory=settings.REDIS_MAXMEMORY)
         redis_url = f"redis://127.0.0.1:{port}/0"
         env["REDIS_URL"] = redis_url
         print(f"embedded redis-server on {redis_url} (data in .run/redis)", flush=True)

@@ -63,6 +63,26 @@ class Settings:
     # "user:password" for Flower's basic auth; empty leaves Flower bound to localhost only.
     FLOWER_BASIC_AUTH: str = field(default_factory=lambda: _env("FLOWER_BASIC_AUTH", ""))
     LOG_LEVEL: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO"))
+    # Admission control: uploads get 429 `queue_full` (with Retry-After) once this many jobs wait in the queue...
+    MAX_QUEUE_DEPTH: int = field(default_factory=lambda: int(_env("MAX_QUEUE_DEPTH", "5000")))
+    # ...or once Redis uses this share of its `maxmemory` (Redis is the broker: overload is refused at the door,
+    # never evicted).
+    MAX_REDIS_MEMORY_FRACTION: float = field(default_factory=lambda: float(_env("MAX_REDIS_MEMORY_FRACTION", "0.8")))
+    # `maxmemory` of the embedded Redis that `arabic-words run` starts (with `noeviction` and an append-only file).
+    REDIS_MAXMEMORY: str = field(default_factory=lambda: _env("REDIS_MAXMEMORY", "2gb"))
+    # Seconds a worker keeps retrying (with backoff) when Redis is unreachable mid-job before it hands the message
+    # back to the broker; the job is never failed or acked away for it.
+    REDIS_RETRY_S: float = field(default_factory=lambda: float(_env("REDIS_RETRY_S", "60")))
+    # Fault injection for the chaos suite (docs/chaos.md); 0 = off, the default. Each delays one step so that a fault
+    # from outside (SIGKILL, a Redis stop) lands at that moment, or makes a forward pass hang:
+    # FAULT_SLOW_FORWARD_S sleeps in the forward pass (a soft time limit interrupts it, like slow Python code);
+    FAULT_SLOW_FORWARD_S: float = field(default_factory=lambda: float(_env("FAULT_SLOW_FORWARD_S", "0")))
+    # FAULT_STUCK_FORWARD_S blocks there with signals masked (nothing but a kill ends it, like stuck native code);
+    FAULT_STUCK_FORWARD_S: float = field(default_factory=lambda: float(_env("FAULT_STUCK_FORWARD_S", "0")))
+    # FAULT_PAUSE_BEFORE_PUBLISH_S pauses the web app between storing a job and publishing its task.
+    FAULT_PAUSE_BEFORE_PUBLISH_S: float = field(
+        default_factory=lambda: float(_env("FAULT_PAUSE_BEFORE_PUBLISH_S", "0"))
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -73,6 +93,8 @@ class Settings:
 
     @property
     def broker_visibility_timeout_s(self) -> int:
-        # Redis redelivers an unacked task after this long even if it is still running: keep it well above
-        # the longest job so a slow job is never run twice.
-        return max(3600, self.TASK_TIME_LIMIT_S * 4)
+        # Redis redelivers an unacked task after this long even if it is still running. A redelivery of a job some
+        # live process holds is dropped (JobStore.claim says busy), so this need not wait an hour; it is how long a
+        # message delivered to a worker that died before claiming its job waits to be handed out again (a claimed
+        # job is taken back by the reaper within seconds).
+        return max(300, self.TASK_TIME_LIMIT_S * 2)

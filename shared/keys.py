@@ -29,5 +29,22 @@ def model_processes() -> str:
     return f"{PREFIX}:model_processes"
 
 
-MODEL_HEARTBEAT_S = 10.0
-MODEL_HEARTBEAT_STALE_S = 3 * MODEL_HEARTBEAT_S  # a process silent this long is gone (killed or crashed)
+def processing() -> str:
+    """Sorted set: id of each job a worker process holds -> its lease deadline. The reaper walks it."""
+    return f"{PREFIX}:processing"
+
+
+def reaper_lock() -> str:
+    """String with a short expiry: the worker process sweeping for lost jobs now (one at a time)."""
+    return f"{PREFIX}:reaper"
+
+
+def init_failures(parent: str) -> str:
+    """Counter: model loads that failed in children of one worker parent ("<hostname>:<pid>"), for backoff."""
+    return f"{PREFIX}:init_failures:{parent}"
+
+
+# A heartbeat every 2 s; silent for 10 s means the process is gone (killed or crashed): the reaper then gives its
+# jobs to another process and /readyz stops counting it. Short, because that silence is the recovery window.
+MODEL_HEARTBEAT_S = 2.0
+MODEL_HEARTBEAT_STALE_S = 5 * MODEL_HEARTBEAT_S

@@ -9,6 +9,11 @@ from shared.config import Settings
 TRANSCRIBE_TASK = "arabic_words.transcribe"
 
 
+def enqueue(celery: Celery, job_id: str, queue: str) -> None:
+    """Send the job's task. Its Celery task id is the job id, so Flower and the logs name jobs as the API does."""
+    celery.send_task(TRANSCRIBE_TASK, args=[job_id], queue=queue, task_id=job_id)
+
+
 def make_celery(settings: Settings, main: str = "arabic_words") -> Celery:
     app = Celery(main, broker=settings.REDIS_URL)
     app.conf.update(
@@ -18,6 +23,8 @@ def make_celery(settings: Settings, main: str = "arabic_words") -> Celery:
         result_accept_content=["json"],
         task_ignore_result=True,  # results live in our own job record (shared.jobs)
         task_default_queue=settings.QUEUE,
+        # A message is acked when its job is final, and given back when the pool child running it dies; the job
+        # record (shared.jobs) decides whether a delivery runs, so a duplicate never changes a final job.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

@@ -18,11 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(port: int, data_dir: Path, *, persistent: bool = True, timeout_s: float = 10) -> subprocess.Popen:
+def start_redis(
+    port: int, data_dir: Path, *, persistent: bool = True, maxmemory: str = "0", timeout_s: float = 10
+) -> subprocess.Popen:
     """Start redis-server on 127.0.0.1:``port`` with data in ``data_dir``; return once it answers PING.
 
-    Persistent servers keep an append-only file so queued jobs survive a restart. ``noeviction``: Redis is our
-    broker, and an evicted task message or upload is a lost job.
+    Persistent servers keep an append-only file (written on every reply, fsynced every second: a killed Redis
+    process loses nothing it acknowledged, a lost machine up to a second) so queued jobs survive a restart.
+    ``noeviction``: Redis is our broker, and an evicted task message or upload is a lost job; past ``maxmemory``
+    ("0" = no limit) writes fail instead, and the web app refuses uploads before that (MAX_REDIS_MEMORY_FRACTION).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [
@@ -30,9 +34,11 @@ def start_redis(port: int, data_dir: Path, *, persistent: bool = True, timeout_s
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(data_dir),
+        "--maxmemory", maxmemory,
         "--maxmemory-policy", "noeviction",
         "--save", "",
         "--appendonly", "yes" if persistent else "no",
+        "--appendfsync", "everysec",
         "--loglevel", "warning",
     ]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)

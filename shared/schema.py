@@ -28,6 +28,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     SERVICE_UNAVAILABLE = "service_unavailable"
+    QUEUE_FULL = "queue_full"
     INTERNAL = "internal_error"
     # job-level
     INVALID_AUDIO = "invalid_audio"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
+import redis
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from shared import keys
 from shared.audio_format import UNRECOGNIZED_FORMAT_MESSAGE, sniff_container
 from shared.jobs import JobStore
-from shared.queue import TRANSCRIBE_TASK
+from shared.queue import enqueue
 from shared.schema import ErrorCode
 from web.errors import ApiError
 
@@ -61,14 +63,39 @@ def _read_expected() -> str | None:
     return expected.strip()
 
 
+def _admit(store: JobStore, settings) -> None:
+    """Refuse new work at the door while the queue or Redis memory is past its limit: 429 with Retry-After, so
+    overload is never met by evicting what was accepted."""
+    depth, memory = store.load(settings.QUEUE)
+    if depth >= settings.MAX_QUEUE_DEPTH:
+        raise ApiError(429, ErrorCode.QUEUE_FULL, f"{depth} jobs are waiting; retry later", retry_after_s=5)
+    used, limit = memory
+    if limit and used >= settings.MAX_REDIS_MEMORY_FRACTION * limit:
+        raise ApiError(429, ErrorCode.QUEUE_FULL, "the job store is nearly full; retry later", retry_after_s=10)
+
+
 @bp.post("/v1/transcriptions")
 def create_transcription():
     settings = _ext()["settings"]
     data = _read_upload(settings.MAX_UPLOAD_BYTES)
     expected = _read_expected()
     store: JobStore = _ext()["store"]
+    _admit(store, settings)
     job = store.create(data, expected=expected)
-    _ext()["celery"].send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
+    if settings.FAULT_PAUSE_BEFORE_PUBLISH_S > 0:  # fault injection (chaos suite): off by default
+        time.sleep(settings.FAULT_PAUSE_BEFORE_PUBLISH_S)
+    try:
+        enqueue(_ext()["celery"], job.id, job.queue)
+    except Exception as exc:  # kombu's publish retries are spent: the job was not accepted, so say so
+        log.error("publish failed job_id=%s: %s", job.id, exc)
+        with contextlib.suppress(redis.RedisError):  # else it expires unseen: nobody was given its id
+            store.discard(job.id)
+        raise ApiError(
+            503,
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "the queue is unavailable; the upload was not accepted, retry later",
+            retry_after_s=5,
+        ) from exc
     url = url_for("api.get_transcription", job_id=job.id)
     log.info("job queued job_id=%s bytes=%d", job.id, len(data))
     response = jsonify({"id": job.id, "status": job.status.value, "url": url})

@@ -14,13 +14,14 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str) -> None:
+    def __init__(self, status: int, code: ErrorCode, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
 
 
-def error_response(status: int, code: str, message: str):
-    return jsonify({"error": {"code": code, "message": message}}), status
+def error_response(status: int, code: str, message: str, retry_after_s: int | None = None):
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else {}
+    return jsonify({"error": {"code": code, "message": message}}), status, headers
 
 
 _HTTP_CODES = {
@@ -34,7 +35,7 @@ _HTTP_CODES = {
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code.value, exc.message)
+        return error_response(exc.status, exc.code.value, exc.message, exc.retry_after_s)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -48,7 +49,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(redis.RedisError)
     def _redis_down(exc: redis.RedisError):
         log.error("redis unavailable: %s", exc)
-        return error_response(503, ErrorCode.SERVICE_UNAVAILABLE.value, "the job store is unavailable, retry later")
+        return error_response(
+            503, ErrorCode.SERVICE_UNAVAILABLE.value, "the job store is unavailable, retry later", retry_after_s=5
+        )
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):

@@ -49,11 +49,16 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._loop, name="dynamic-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, audio: np.ndarray) -> tuple[np.ndarray, BatchStats]:
-        """Block until this clip's batch has run; return its output and how it was batched."""
+    def submit(self, audio: np.ndarray, timeout: float | None = None) -> tuple[np.ndarray, BatchStats]:
+        """Block until this clip's batch has run; return its output and how it was batched. Past ``timeout``
+        seconds, ``TimeoutError`` (the clip is dropped if its batch has not started)."""
         pending = _Pending(audio)
         self._queue.put(pending)
-        return pending.future.result()
+        try:
+            return pending.future.result(timeout=timeout)
+        except TimeoutError:
+            pending.future.cancel()  # a batch that has not taken it yet skips it
+            raise
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
         return self.submit(audio)[0]
@@ -84,6 +89,9 @@ class DynamicBatcher:
                 return
 
     def _run(self, batch: list[_Pending]) -> None:
+        batch = [p for p in batch if p.future.set_running_or_notify_cancel()]  # drop clips whose job gave up
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             outputs = self._run_batch([p.audio for p in batch])

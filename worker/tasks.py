@@ -1,67 +1,134 @@
-"""The transcription task: fetch the upload, decode, run the model, store the result. Small on purpose: the work
-is in ``worker.audio`` and ``worker.asr``; this module is the I/O edge."""
+"""The transcription task: claim the job, fetch the upload, decode, run the model, store the final state. Small on
+purpose: the work is in ``worker.pipeline``; this module is the I/O edge and the failure handling.
+
+Every delivery ends in one of three ways: the job is final (succeeded, or failed with a code), the delivery was a
+duplicate (the job is final already, or a live process holds it), or Redis stayed unreachable for
+``REDIS_RETRY_S`` and the message goes back to the broker. Our own bugs fail the job as ``internal_error`` with a
+logged traceback; they are never reported as bad input.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from celery import shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+import redis
+from celery import Task, shared_task
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
+from shared.jobs import ClaimOutcome, JobStore
 from shared.queue import TRANSCRIBE_TASK
 from shared.schema import ErrorCode, JobError
 from worker.audio import InvalidAudio
-from worker.lifecycle import state
-from worker.pipeline import transcribe_bytes
+from worker.lifecycle import WorkerState, state
+from worker.pipeline import JobTimeout, transcribe_bytes
+from worker.recovery import is_dead_here
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TIMEOUT = JobError(ErrorCode.TIMEOUT.value, "transcription took too long")
+_INTERNAL = JobError(ErrorCode.INTERNAL.value, "internal error while transcribing")
 
 
-@shared_task(name=TRANSCRIBE_TASK, acks_late=True, reject_on_worker_lost=True)
+class TranscriptionTask(Task):
+    acks_late = True
+    reject_on_worker_lost = True  # a killed pool child's message goes back to the queue (JobStore.claim decides)
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
+        # Celery calls this in the prefork parent when a hard time limit killed the child: the job that child held
+        # is failed here, or it would stay `processing` until its lease ran out.
+        if isinstance(exc, TimeLimitExceeded) and args:
+            from worker.celery_app import settings
+
+            client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+            try:
+                JobStore(client, settings).fail(args[0], _TIMEOUT)
+                log.warning("job failed: hard time limit job_id=%s", args[0])
+            except redis.RedisError:  # the lease runs out and the reaper takes it back
+                log.exception("could not fail a timed-out job job_id=%s", args[0])
+            finally:
+                client.close()
+
+
+def _with_redis(worker: WorkerState, what: str, call: Callable[[], T]) -> T:
+    """``call()``, retried with backoff while Redis is unreachable (a restart, a failover). Past REDIS_RETRY_S the
+    message goes back to the broker: an infrastructure error never fails or acks away a job."""
+    deadline = time.monotonic() + worker.settings.REDIS_RETRY_S
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+            if time.monotonic() + delay > deadline:
+                log.error("redis unreachable for %.0f s (%s): message handed back", worker.settings.REDIS_RETRY_S, what)
+                raise Reject(exc, requeue=True) from exc
+            log.warning("redis unreachable (%s), retrying in %.2f s: %s", what, delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+@shared_task(name=TRANSCRIBE_TASK, base=TranscriptionTask)
 def transcribe(job_id: str) -> None:
     worker = state()
-    store, settings = worker.store, worker.settings
-    job = store.get(job_id)
-    if job is None or job.status.is_final:  # expired, or a duplicate delivery of a finished job
-        return
-    attempt = store.start_attempt(job_id)
-    if attempt > settings.MAX_ATTEMPTS:  # earlier deliveries killed their worker: stop the loop here
-        store.fail(
-            job_id,
-            JobError(ErrorCode.WORKER_CRASHED.value, f"the job was attempted {attempt - 1} times and never finished"),
-        )
-        return
-    try:
-        _run(job_id, job.created_at, job.expected)
-    except SoftTimeLimitExceeded:
-        store.fail(job_id, JobError(ErrorCode.TIMEOUT.value, "transcription took too long"))
-    except Exception:  # never leave a job 'processing' forever
-        log.exception("job failed unexpectedly job_id=%s", job_id)
-        store.fail(job_id, JobError(ErrorCode.INTERNAL.value, "internal error while transcribing"))
-
-
-def _run(job_id: str, created_at: float, expected: str | None) -> None:
-    worker = state()
+    if worker is None:  # cannot happen in a process whose model load succeeded; the message waits for one that did
+        raise Reject("no model in this process", requeue=True)
     store = worker.store
-    picked_up = time.time()
-    data = store.fetch_upload(job_id)
-    if data is None:
-        store.fail(job_id, JobError(ErrorCode.UPLOAD_EXPIRED.value, "the upload expired before a worker took it"))
+    claim = _with_redis(worker, "claim", lambda: store.claim(job_id, worker.name))
+    if claim.outcome is ClaimOutcome.BUSY and is_dead_here(claim.detail):  # its pool child was just killed
+        holder = claim.detail
+        claim = _with_redis(worker, "claim", lambda: store.claim(job_id, worker.name, take_over=holder))
+    if claim.outcome is not ClaimOutcome.CLAIMED:
+        log.info("delivery not run job_id=%s outcome=%s detail=%s", job_id, claim.outcome, claim.detail)
         return
+    job = _with_redis(worker, "read job", lambda: store.get(job_id))
+    data = _with_redis(worker, "fetch upload", lambda: store.fetch_upload(job_id))
+    if job is None:  # expired in between
+        return
+    if data is None:
+        error = JobError(ErrorCode.UPLOAD_EXPIRED.value, "the upload expired before a worker took it")
+        _with_redis(worker, "fail", lambda: store.fail(job_id, error))
+        return
+    picked_up = time.time()
     try:
         result = transcribe_bytes(
-            worker.model, data, max_audio_s=worker.settings.MAX_AUDIO_S, expected=expected, batcher=worker.batcher
+            worker.model,
+            data,
+            max_audio_s=worker.settings.MAX_AUDIO_S,
+            expected=job.expected,
+            batcher=worker.batcher,
+            before_forward=worker.fault,
+            deadline=_deadline(worker),
         )
+    except (SoftTimeLimitExceeded, JobTimeout):
+        log.warning("job failed: time limit job_id=%s attempt=%d", job_id, claim.attempt)
+        _with_redis(worker, "fail", lambda: store.fail(job_id, _TIMEOUT))
+        return
     except InvalidAudio as exc:
         code = ErrorCode.AUDIO_TOO_LONG if exc.reason == "audio_too_long" else ErrorCode.INVALID_AUDIO
-        store.fail(job_id, {"code": code.value, "message": exc.message, "reason": exc.reason})
+        error = {"code": code.value, "message": exc.message, "reason": exc.reason}
+        _with_redis(worker, "fail", lambda: store.fail(job_id, error))
         log.info("job rejected job_id=%s reason=%s", job_id, exc.reason)
         return
+    except Exception:  # a bug of ours: a failed job with a traceback in the log, never a job left processing
+        log.exception("job failed unexpectedly job_id=%s", job_id)
+        _with_redis(worker, "fail", lambda: store.fail(job_id, _INTERNAL))
+        return
     result.timings_ms = {
-        "queue": round((picked_up - created_at) * 1000, 1),
+        "queue": round((picked_up - job.created_at) * 1000, 1),
         **result.timings_ms,
-        "total": round((time.time() - created_at) * 1000, 1),
+        "total": round((time.time() - job.created_at) * 1000, 1),
     }
-    store.succeed(job_id, result.to_dict())
-    log.info("job done job_id=%s duration_s=%.2f timings_ms=%s", job_id, result.duration_s, result.timings_ms)
+    stored = _with_redis(worker, "store result", lambda: store.succeed(job_id, result.to_dict()))
+    log.info("job done job_id=%s stored=%s duration_s=%.2f timings_ms=%s", job_id, stored, result.duration_s,
+             result.timings_ms)  # fmt: skip
+
+
+def _deadline(worker: WorkerState) -> float | None:
+    """When this job must be over (time.monotonic()), where no one else enforces it: the threads pool ignores
+    Celery's time limits, so the pipeline checks this one (the soft limit's moment). Prefork: None."""
+    if worker.batcher is None:
+        return None
+    return time.monotonic() + max(1, worker.settings.TASK_TIME_LIMIT_S - 5)
