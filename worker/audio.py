@@ -5,6 +5,11 @@ with the demuxer forced from an allow-list chosen by magic bytes: FFmpeg never p
 demuxers that can open other files or URLs are never reached. Opus (most uploads: browsers record it) is decoded by
 libopus itself, straight to 16 kHz. Durations and sample counts are checked while decoding, so a tiny file that
 claims or expands to hours is refused early. Resampling is soxr's.
+
+Memory is bounded by the output, not the input: sample rates above 192 kHz and more than 8 channels are refused, from
+the header and again on every decoded frame, and each frame (or block) becomes float32 mono at once and goes through a
+streaming resampler, so a decode holds 16 kHz x ``max_audio_s`` samples plus one block at the input's rate, however
+many channels at whatever rate the upload declares.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import functools
 import io
 import math
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -63,6 +67,14 @@ _SPLIT_MIN_S = 1.5
 _OPUS_MIN_FRAME_S = 0.0025  # more packets than max_audio_s / this is too long whatever they hold
 _OPUS_MAX_FRAME = SAMPLE_RATE * 120 // 1000  # samples of the longest Opus packet (120 ms)
 _OPUS_RATE_RATIO = 48_000 // SAMPLE_RATE  # Opus timestamps and skips count 48 kHz samples
+# What a recording can be: 192 kHz is the highest rate audio interfaces record at, 8 channels 7.1. The headers
+# allow far more (FLAC to 655350 Hz, WAV 65535 channels) and the decoded size grows with both: 384 kHz x 8 channels
+# is 96 times the samples of the 16 kHz mono the same seconds decode to.
+_MAX_SAMPLE_RATE = 192_000
+_MAX_CHANNELS = 8
+# Samples (a channel) converted and resampled at a time: what is held at the input's rate is about one block, mono
+# (0.5 MB); a clip shorter than one block (2.7 s at 48 kHz) is resampled in one call, as before blocks.
+_BLOCK = 1 << 17
 # A Matroska/WebM file that says how long it is (MediaRecorder's live files do not) and decodes to this much less
 # was cut off: its demuxer just stops at the cut, without an error.
 _DECLARED_DURATION_SLACK_S = 0.1
@@ -81,8 +93,8 @@ def decode(data: bytes, *, max_audio_s: float | None = None) -> np.ndarray:
     """Decode an uploaded file to mono float32 samples at 16 kHz.
 
     Raises ``InvalidAudio`` (reason: empty, unrecognized_format, corrupt, truncated, no_audio_stream,
-    unsupported_codec, zero_length, non_finite, silent, audio_too_long) for anything else.
-    ``max_audio_s`` defaults to MAX_AUDIO_S.
+    unsupported_codec, sample_rate_too_high, too_many_channels, zero_length, non_finite, silent, audio_too_long) for
+    anything else. ``max_audio_s`` defaults to MAX_AUDIO_S; a stream's duration is counted at its own sample rate.
     """
     if max_audio_s is None:
         max_audio_s = Settings().MAX_AUDIO_S
@@ -93,16 +105,107 @@ def decode(data: bytes, *, max_audio_s: float | None = None) -> np.ndarray:
         raise InvalidAudio("unrecognized_format", UNRECOGNIZED_FORMAT_MESSAGE)
     if container == "wav":
         _check_wav_not_truncated(data)  # a header walk: before any decoding work
-    audio, rate = None, 0
+    audio = None
     if container in _SOUNDFILE_CONTAINERS:
-        audio, rate = _decode_soundfile(data, max_audio_s)
+        audio = _decode_soundfile(data, max_audio_s)
     if audio is None:  # not a container libsndfile handles, or a codec inside it that it lacks
-        audio, rate = _decode_ffmpeg(data, container, max_audio_s)
-    return _finish(audio, rate)
+        audio = _decode_ffmpeg(data, container, max_audio_s)
+    return _finish(audio)
 
 
 def _too_long(max_audio_s: float) -> InvalidAudio:
     return InvalidAudio("audio_too_long", f"audio is longer than the {max_audio_s:g} s limit")
+
+
+def _check_shape(rate: int, channels: int) -> None:
+    """Refuse a sample rate or channel count past what a recording has (a header's, or a decoded frame's)."""
+    if rate > _MAX_SAMPLE_RATE:
+        raise InvalidAudio(
+            "sample_rate_too_high", f"the sample rate {rate} Hz is above the {_MAX_SAMPLE_RATE} Hz limit"
+        )
+    if channels > _MAX_CHANNELS:
+        raise InvalidAudio("too_many_channels", f"the audio has {channels} channels, more than {_MAX_CHANNELS}")
+
+
+class _Mono16k:
+    """Decoded audio reduced as it comes: each frame or block is checked (rate, channels, the duration so far),
+    converted to float32 mono at once and, a block at a time, resampled to 16 kHz by a streaming resampler. What is
+    kept is the 16 kHz output and under a block of mono at the input's rate, never the input's channels or its
+    whole length. A stream that changes rate mid-way (FFmpeg's decoders pass that on frame by frame) is resampled
+    part by part, and its duration counted at each part's own rate. The budget, in decoded samples: each part may
+    have ``max_audio_s`` (less the parts before it) x its rate samples a channel, at no more than 192 kHz and 8
+    channels, so no upload makes more than 192 kHz x 8 x ``max_audio_s`` of them (and a frame) decoded and
+    converted, however long it claims to be."""
+
+    def __init__(self, max_audio_s: float) -> None:
+        self.max_audio_s = max_audio_s
+        self.out: list[np.ndarray] = []  # 16 kHz
+        self.rate = 0  # of the current part
+        self.part_samples = 0  # a channel's samples in the current part
+        self.part_limit = 0  # ... and the most it may have
+        self.earlier_s = 0.0  # duration of the parts before it
+        self.pending: list[np.ndarray] = []  # mono float32 at ``rate``, not yet resampled
+        self.pending_samples = 0
+        self.resampler: soxr.ResampleStream | None = None
+        self.any_samples = False
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier_s + (self.part_samples / self.rate if self.rate else 0.0)
+
+    def add(self, samples: np.ndarray, rate: int) -> None:
+        """(channels, n) samples of any sample format at ``rate``."""
+        channels, n = samples.shape
+        if rate != self.rate:
+            _check_shape(rate, channels)
+            self._end_part()
+            self.rate = rate
+            self.part_limit = math.ceil((self.max_audio_s - self.earlier_s) * rate)
+        elif channels > _MAX_CHANNELS:
+            _check_shape(rate, channels)
+        self.part_samples += n
+        if self.part_samples > self.part_limit:
+            raise _too_long(self.max_audio_s)
+        if not n:
+            return
+        self.any_samples = True
+        if channels == 1 and samples.dtype == np.float32:  # most decoders' output: the frame's own samples
+            self.pending.append(samples[0])
+        else:
+            self.pending.append(_downmix(_to_float(samples)))
+        self.pending_samples += n
+        if self.pending_samples >= _BLOCK:
+            self._resample(last=False)
+
+    def _resample(self, last: bool) -> None:
+        block = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        self.pending, self.pending_samples = [], 0
+        if self.rate == SAMPLE_RATE:
+            self.out.append(block)
+        elif last and self.resampler is None:  # the whole part in one block: one call, no stream to set up
+            self.out.append(soxr.resample(block, self.rate, SAMPLE_RATE, quality="HQ"))
+        else:
+            if self.resampler is None:
+                self.resampler = soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+            self.out.append(self.resampler.resample_chunk(block, last=last))
+
+    def _end_part(self) -> None:
+        if self.pending or self.resampler is not None:
+            self._resample(last=True)
+        self.resampler = None
+        if self.rate:
+            self.earlier_s += self.part_samples / self.rate
+        self.part_samples = 0
+
+    def finish(self) -> np.ndarray:
+        """All of it at 16 kHz."""
+        self._end_part()
+        if not self.any_samples:
+            raise InvalidAudio("zero_length", "the file contains no audio samples")
+        audio = self.out[0] if len(self.out) == 1 else np.concatenate(self.out)
+        if audio.size == 0:
+            raise InvalidAudio("zero_length", "the file contains too few samples to resample")
+        return audio
 
 
 def _broke_off() -> InvalidAudio:
@@ -121,78 +224,116 @@ def _check_wav_not_truncated(data: bytes) -> None:
         pos += 8 + size + (size & 1)
 
 
-def _decode_soundfile(data: bytes, max_audio_s: float) -> tuple[np.ndarray | None, int]:
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            if f.samplerate <= 0 or f.channels <= 0:
-                raise InvalidAudio("corrupt", "the header gives no sample rate or channels")
-            limit = int(math.ceil(max_audio_s * f.samplerate))
-            if 0 < f.frames < 2**62 and f.frames > limit:  # trust a plausible header to refuse before reading
-                raise _too_long(max_audio_s)
-            audio = f.read(frames=limit + 1, dtype="float32", always_2d=True)
-            rate = f.samplerate
-    except InvalidAudio:
-        raise
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError):
-        return None, 0  # let FFmpeg try: it knows more codecs (and says what is wrong when it cannot)
-    if len(audio) > limit:
-        raise _too_long(max_audio_s)
-    return _downmix(audio.T), rate
+# what libsndfile (through soundfile) raises for a file it cannot read: then FFmpeg tries, knowing more codecs (and
+# saying what is wrong when it cannot)
+_SOUNDFILE_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError, TypeError)
 
 
-def _decode_ffmpeg(data: bytes, container: str, max_audio_s: float) -> tuple[np.ndarray, int]:
-    chunks: list[np.ndarray] = []
-    rate = 0
+def _decode_soundfile(data: bytes, max_audio_s: float) -> np.ndarray | None:
+    """16 kHz mono, read a block at a time; None when libsndfile cannot read the file."""
     try:
-        with av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container]) as demuxer:
+        f = sf.SoundFile(io.BytesIO(data))
+    except _SOUNDFILE_ERRORS:
+        return None
+    with f:
+        rate, channels, frames = f.samplerate, f.channels, f.frames
+        if rate <= 0 or channels <= 0:
+            raise InvalidAudio("corrupt", "the header gives no sample rate or channels")
+        _check_shape(rate, channels)
+        if 0 < frames < 2**62 and frames > math.ceil(max_audio_s * rate):  # a plausible header: refuse unread
+            raise _too_long(max_audio_s)
+        audio = _Mono16k(max_audio_s)
+        while True:
+            try:
+                block = f.read(frames=_BLOCK, dtype="float32", always_2d=True)
+            except _SOUNDFILE_ERRORS:
+                return None
+            if not len(block):
+                return audio.finish()
+            audio.add(block.T, rate)
+
+
+class _FFmpegErrors:
+    """Turns what FFmpeg's libraries raise through PyAV into InvalidAudio, around the calls into them only: once
+    audio was decoded (``decoded``), or when the demuxer ran out of bytes (OGG reads its last page while opening),
+    the upload broke off part-way, a partial one not to transcribe half of; otherwise it is corrupt."""
+
+    ERRORS = (av.error.FFmpegError, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError)
+
+    def __init__(self) -> None:
+        self.decoded = False
+
+    def __enter__(self) -> _FFmpegErrors:
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if exc is not None and not isinstance(exc, InvalidAudio) and isinstance(exc, self.ERRORS):
+            raise self.translate(exc) from None
+
+    def translate(self, exc: BaseException) -> InvalidAudio:
+        if self.decoded or isinstance(exc, av.error.EOFError):
+            return _broke_off()
+        return InvalidAudio("corrupt", f"the audio could not be decoded ({type(exc).__name__})")
+
+
+def _decode_ffmpeg(data: bytes, container: str, max_audio_s: float) -> np.ndarray:
+    library = _FFmpegErrors()
+    with library:
+        demuxer = av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container])
+    try:
+        with library:
             streams = demuxer.streams.audio
             if not streams:
                 raise InvalidAudio("no_audio_stream", "the file has no audio stream")
             stream = streams[0]
-            if stream.codec_context is None:  # FFmpeg has no decoder for it (e.g. a WAV header with 0 bits/sample)
+            codec = stream.codec_context
+            if codec is None:  # FFmpeg has no decoder for it (e.g. a WAV header with 0 bits/sample)
                 raise InvalidAudio("unsupported_codec", "the audio codec is unknown")
-            if stream.codec_context.name not in _CODECS:
-                raise InvalidAudio("unsupported_codec", f"audio codec {stream.codec_context.name!r} is not accepted")
-            opus = _libopus() if stream.codec_context.name == "opus" else None
-            head = bytes(stream.codec_context.extradata or b"")
-            if opus is not None and _opus_head_is_plain(head):
-                pre_skip = int.from_bytes(head[10:12], "little")
-                chunks.append(_decode_opus(opus, demuxer, stream, max_audio_s, pre_skip)[None])
-                rate = SAMPLE_RATE
-            else:
-                rate = _decode_frames(demuxer.decode(stream), max_audio_s, chunks)
+            if codec.name not in _CODECS:
+                raise InvalidAudio("unsupported_codec", f"audio codec {codec.name!r} is not accepted")
+            _check_shape(codec.sample_rate, codec.channels)  # what the header says; each frame is checked again
+            opus = _libopus() if codec.name == "opus" else None
+            head = bytes(codec.extradata or b"")
+        if opus is not None and _opus_head_is_plain(head):
+            pre_skip = int.from_bytes(head[10:12], "little")
+            with library:
+                audio = _decode_opus(opus, demuxer, stream, max_audio_s, pre_skip)
+            library.decoded = True
+            seconds = len(audio) / SAMPLE_RATE
+        else:
+            audio, seconds = _decode_frames(demuxer, stream, max_audio_s, library)
+        with library:
             declared_s = demuxer.duration / 1e6 if container == "webm" and demuxer.duration else None
-    except InvalidAudio:
-        raise
-    except (av.error.FFmpegError, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError) as exc:
-        # it decoded, then broke off, or the demuxer ran out of bytes (OGG reads its last page while opening):
-        # a partial upload, not one to transcribe half of
-        if chunks or isinstance(exc, av.error.EOFError):
-            raise _broke_off() from None
-        raise InvalidAudio("corrupt", f"the audio could not be decoded ({type(exc).__name__})") from None
-    if not chunks:
-        raise InvalidAudio("zero_length", "the file contains no audio samples")
-    if declared_s and sum(c.shape[1] for c in chunks) / rate < declared_s - _DECLARED_DURATION_SLACK_S:
+    finally:
+        with library:
+            demuxer.close()
+    if declared_s and seconds < declared_s - _DECLARED_DURATION_SLACK_S:
         raise InvalidAudio("truncated", f"the file says it is {declared_s:.2f} s long but its audio stops earlier")
-    if len({(c.shape[0], c.dtype) for c in chunks}) == 1:  # the usual case: convert and downmix once
-        return _downmix(_to_float(np.concatenate(chunks, axis=1))), rate
-    return np.concatenate([_downmix(_to_float(c)) for c in chunks]), rate
+    return audio
 
 
-def _decode_frames(frames: Iterator[av.AudioFrame], max_audio_s: float, chunks: list[np.ndarray]) -> int:
-    """Append each decoded frame's samples to ``chunks``, refusing as soon as they pass ``max_audio_s``; returns
-    the sample rate."""
-    total, rate = 0, 0
-    for frame in frames:
-        rate = frame.sample_rate or rate
+def _decode_frames(demuxer, stream, max_audio_s: float, library: _FFmpegErrors) -> tuple[np.ndarray, float]:
+    """FFmpeg's decoder, frame by frame into ``_Mono16k``: the 16 kHz samples and the seconds decoded."""
+    audio = _Mono16k(max_audio_s)
+    rate = 0
+    with library:
+        frames = demuxer.decode(stream)
+    while True:
+        try:  # ``with library``, without its two calls a frame
+            frame = next(frames, None)
+            if frame is None:
+                break
+            rate = frame.sample_rate or rate
+            samples = _frame_samples(frame)
+        except InvalidAudio:
+            raise
+        except library.ERRORS as exc:
+            raise library.translate(exc) from None
+        library.decoded = True
         if rate <= 0:
             raise InvalidAudio("corrupt", "the stream gives no sample rate")
-        samples = _frame_samples(frame)
-        chunks.append(samples)
-        total += samples.shape[1]
-        if total > max_audio_s * rate:
-            raise _too_long(max_audio_s)
-    return rate
+        audio.add(samples, rate)
+    return audio.finish(), audio.seconds
 
 
 @functools.cache
@@ -366,15 +507,11 @@ def _downmix(channels_first: np.ndarray) -> np.ndarray:
     return np.full(n_channels, 1.0 / n_channels, dtype=np.float32) @ channels_first
 
 
-def _finish(audio: np.ndarray, rate: int) -> np.ndarray:
+def _finish(audio: np.ndarray) -> np.ndarray:
+    """Checks on the 16 kHz samples (a third of them at 48 kHz): NaN or Inf anywhere in the input still turns the
+    resampled output around it into NaN."""
     if audio.size == 0:
         raise InvalidAudio("zero_length", "the file contains no audio samples")
-    if rate != SAMPLE_RATE:
-        # Resample first and check the 16 kHz result: a third of the samples at 48 kHz, and NaN or Inf anywhere in
-        # the input still turns the output around it into NaN.
-        audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
-        if audio.size == 0:
-            raise InvalidAudio("zero_length", "the file contains too few samples to resample")
     # max and min propagate NaN and Inf: two passes without the temporaries of isfinite() and abs()
     high, low = float(audio.max()), float(audio.min())
     if not (math.isfinite(high) and math.isfinite(low)):
