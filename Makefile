@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,bench
 
-.PHONY: install run test lint bench fixtures clean
+.PHONY: install run test chaos lint bench fixtures clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# Every chaos scenario at full size (SIGKILL x 20, whole-worker kills x 5, ...); `make test` runs each once.
+chaos: install
+	CHAOS_FULL=1 $(PY) -m pytest -q -m chaos tests/test_chaos.py
 
 lint: install
 	$(VENV)/bin/ruff check .

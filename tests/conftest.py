@@ -152,3 +152,12 @@ def wait_for(client, job_id: str, timeout_s: float = 60) -> dict:
         body = client.get(f"/v1/transcriptions/{job_id}?wait=10").get_json()
         if body["status"] in ("succeeded", "failed") or time.monotonic() > deadline:
             return body
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The chaos scenarios' table (tests/chaos.py), when any ran."""
+    from tests.chaos import FULL, ROWS, format_table
+
+    if ROWS:
+        terminalreporter.write_sep("=", f"chaos scenarios ({'full' if FULL else 'fast'} size)")
+        terminalreporter.write_line(format_table(ROWS))

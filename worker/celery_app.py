@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # After this many failed model loads in a row, a prefork worker stops (a warm shutdown, so the one message its
 # parent holds goes back to the queue for a good worker) instead of holding it while children keep failing.
-MAX_INIT_FAILURES = 5
+MAX_INIT_FAILURES = 3
 EX_MODEL_LOAD_FAILED = 78  # EX_CONFIG: the supervisor's log says why
 
 
