@@ -64,13 +64,13 @@ def without_length(flac: bytes) -> bytes:
     return bytes(data)
 
 
-def _flac_packets(rate: int, channels: int, seconds: float, tone_s: float) -> tuple[list[av.Packet], bytes]:
+def _flac_packets(rate: int, channels: int, seconds: float, tone_s: float) -> list[av.Packet]:
     encoder = av.CodecContext.create("flac", "w")
     encoder.sample_rate, encoder.layout, encoder.format = rate, _LAYOUTS[channels], "s16"
     encoder.options = {"frame_size": str(_FRAME)}
     encoder.open()
     packets = [p for frame in _s16_frames(rate, channels, seconds, tone_s) for p in encoder.encode(frame)]
-    return packets + list(encoder.encode(None)), bytes(encoder.extradata)
+    return packets + list(encoder.encode(None))
 
 
 def switching_rate(parts: list[tuple[int, float]], channels: int = 1) -> bytes:
@@ -79,16 +79,17 @@ def switching_rate(parts: list[tuple[int, float]], channels: int = 1) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format="matroska") as out:
         stream = out.add_stream("flac", rate=parts[0][0], layout=_LAYOUTS[channels])
-        pts = 0
-        for i, (rate, seconds) in enumerate(parts):
-            packets, extradata = _flac_packets(rate, channels, seconds, tone_s=0.5)
-            if i == 0:
-                stream.codec_context.extradata = extradata
-            for packet in packets:  # copied without side data: a new STREAMINFO at the end would say the last rate
-                copy = av.Packet(bytes(packet))
+        stream.codec_context.options = {"frame_size": str(_FRAME)}  # its STREAMINFO's block size
+        start_s = 0.0
+        for rate, seconds in parts:
+            for packet in _flac_packets(rate, channels, seconds, tone_s=0.5):
+                if not packet.size:
+                    continue  # the encoder's last word: a new STREAMINFO, which would say the last rate
+                copy = av.Packet(bytes(packet))  # without side data
                 copy.stream, copy.time_base = stream, Fraction(1, 1000)
-                copy.pts = copy.dts = pts
-                pts += 1
+                copy.pts = copy.dts = round(start_s * 1000)
+                copy.duration = round((packet.duration or _FRAME) / rate * 1000)
+                start_s += (packet.duration or _FRAME) / rate
                 out.mux(copy)
     return buf.getvalue()
 
