@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -374,6 +375,69 @@ def test_resamples_to_16k():
     assert len(audio) == SAMPLE_RATE
     spectrum = np.abs(np.fft.rfft(audio))
     assert abs(np.argmax(spectrum) - 440) <= 1  # 1 Hz bins over 1 s
+
+
+def _speech(seconds: float, rate: int) -> np.ndarray:
+    from bench.__main__ import speech
+
+    return soxr.resample(speech(seconds), SAMPLE_RATE, rate, quality="HQ").astype(np.float32)
+
+
+def test_long_input_converted_block_by_block_is_the_one_shot_result():
+    """Past one block (2**17 samples a channel), decode() downmixes and resamples as it reads, through soxr's
+    streaming resampler: the samples are those of downmixing and resampling everything at once, as it did before."""
+    left = _speech(10, 44_100)
+    stereo = np.stack([left, -0.5 * left], axis=1)
+    whole = soxr.resample(np.float32(0.5) * stereo[:, 0] + np.float32(0.5) * stereo[:, 1], 44_100, SAMPLE_RATE,
+                          quality="HQ")  # fmt: skip
+    audio = decode(_wav(stereo, 44_100, subtype="FLOAT"))
+    assert len(audio) == len(whole) and np.abs(audio - whole).max() < 1e-6
+
+    from tests.test_decode_memory import encoded  # FFmpeg's decoder: ~1,000 frames of FLAC at 96 kHz
+
+    data = encoded(96_000, 2, 12, tone_s=12)
+    with av.open(io.BytesIO(data), format="matroska") as container:
+        samples = np.concatenate([f.to_ndarray().reshape(-1, 2) for f in container.decode(audio=0)])
+    mono = (samples.astype(np.float32) / 32767) @ np.full(2, 0.5, np.float32)
+    whole = soxr.resample(mono, 96_000, SAMPLE_RATE, quality="HQ")
+    audio = decode(data)
+    assert len(audio) == len(whole) == 12 * SAMPLE_RATE and np.abs(audio - whole).max() < 1e-6
+
+
+@pytest.mark.parametrize("path", ["soundfile", "ffmpeg"])
+def test_exactly_max_audio_s_decodes_and_one_sample_more_is_too_long(path):
+    """max_audio_s x rate samples (3 s at 48 kHz: past one block) is the most: one more is refused."""
+    from tests.test_decode_memory import encoded
+
+    rate = 48_000
+    for n, reason in [(3 * rate, None), (3 * rate + 1, "audio_too_long")]:
+        if path == "soundfile":
+            samples = np.zeros(n, np.float32)
+            samples[:rate] = _speech(1, rate)
+            data = _wav(samples, rate)
+        else:
+            data = encoded(rate, 1, n / rate)
+        if reason is None:
+            assert len(decode(data, max_audio_s=3)) == 3 * SAMPLE_RATE
+        else:
+            assert _reason(data, max_audio_s=3) == reason
+
+
+def test_rate_change_mid_stream_is_resampled_part_by_part():
+    """FLAC frames each carry their rate and FFmpeg's decoder passes a change on: each part is resampled from its
+    own rate (a 440 Hz tone in both stays 440 Hz) and its duration counted at it. (Before, everything was
+    resampled from the last frame's rate: 1 s at 24 kHz then 1 s at 48 kHz came out 1.5 s long, the first
+    part an octave down.)"""
+    from tests.test_decode_memory import switching_rate
+
+    audio = decode(switching_rate([(24_000, 1), (48_000, 1)]))
+    assert len(audio) == 2 * SAMPLE_RATE
+    for start in (0, SAMPLE_RATE):  # each part opens with 0.5 s of the tone
+        part = audio[start + 800 : start + 800 + SAMPLE_RATE // 4]
+        assert abs(np.argmax(np.abs(np.fft.rfft(part))) * 4 - 440) <= 4  # 4 Hz bins
+    # 20 s at 24 kHz, then 48 kHz: 9 s more is 29 s, 11 s more is 31 s (880,000 samples: under 30 s at 48 kHz)
+    assert len(decode(switching_rate([(24_000, 20), (48_000, 9)]), max_audio_s=30)) == 29 * SAMPLE_RATE
+    assert _reason(switching_rate([(24_000, 20), (48_000, 11)]), max_audio_s=30) == "audio_too_long"
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing
