@@ -80,3 +80,22 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), **kwargs)
+
+
+def test_a_job_stops_waiting_at_its_timeout_and_its_clip_is_skipped():
+    run = Recorder(delay_s=0.5)  # a slow (or stuck) forward pass
+    batcher = DynamicBatcher(run, max_batch=1, window_s=0.0)
+    try:
+        first = threading.Thread(target=batcher.submit, args=(np.ones(2, np.float32),))
+        first.start()
+        time.sleep(0.05)  # the first clip's batch is running
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            batcher.submit(np.ones(3, np.float32), timeout=0.1)  # queued behind it: gives up
+        assert time.monotonic() - started < 0.4
+        first.join()
+        out, _ = batcher.submit(np.ones(4, np.float32), timeout=5)
+    finally:
+        batcher.close()
+    assert run.sizes == [1, 1]  # the abandoned clip never reached the model
+    np.testing.assert_array_equal(out, np.full(4, 2.0))
