@@ -31,18 +31,23 @@ def _service_commands(settings: Settings, redis_url: str) -> dict[str, list[str]
     if settings.FLOWER_BASIC_AUTH:
         flower.append(f"--basic-auth={settings.FLOWER_BASIC_AUTH}")
     return {
+        # gevent: a waiting ?wait= long-poll is a greenlet, not one of a few threads (web/waiting.py); each process
+        # holds up to 1000 connections. --timeout is gevent's heartbeat (a blocked loop), not a per-request limit;
+        # the graceful timeout outlasts a 30 s long-poll, so a restart lets the open ones answer.
         "web": [
             str(bin_dir / "gunicorn"),
             "--bind",
             f"127.0.0.1:{settings.PORT}",
             "--worker-class",
-            "gthread",
+            "gevent",
             "--workers",
             "2",
-            "--threads",
-            "16",
+            "--worker-connections",
+            "1000",
             "--timeout",
             "60",
+            "--graceful-timeout",
+            "35",
             "web:create_app()",
         ],
         "worker": [

@@ -10,6 +10,7 @@ from flask import Flask
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.queue import make_celery
+from web.waiting import JobWaiter
 
 # multipart framing around a file of MAX_UPLOAD_BYTES; the file itself is checked exactly in the view
 _MULTIPART_OVERHEAD = 64 * 1024
@@ -26,9 +27,11 @@ def create_app(config: Settings | dict | None = None) -> Flask:
     app.config["JSON_AS_ASCII"] = False
     app.json.ensure_ascii = False  # Arabic text stays readable in responses
     client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    store = JobStore(client, settings)
     app.extensions["arabic_words"] = {
         "settings": settings,
-        "store": JobStore(client, settings),
+        "store": store,
+        "waiter": JobWaiter(store),  # ?wait= long-polls: one pub/sub listener per process, started on first use
         "celery": make_celery(settings, main="arabic_words_web"),
     }
     logging.getLogger(__name__).setLevel(settings.LOG_LEVEL)

@@ -117,7 +117,7 @@ def get_transcription(job_id: str):
                 400, ErrorCode.INVALID_WAIT, f"'wait' must be a number of seconds from 0 to {settings.MAX_WAIT_S:g}"
             )
     store: JobStore = _ext()["store"]
-    job = store.wait(job_id, wait_s) if wait_s > 0 else store.get(job_id)
+    job = _ext()["waiter"].wait(job_id, wait_s) if wait_s > 0 else store.get(job_id)
     if job is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no transcription job {job_id!r} (unknown or expired)")
     return jsonify(job.public())
