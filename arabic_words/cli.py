@@ -116,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if proc and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=40)  # above gunicorn's 35 s graceful timeout: open long-polls get their answer
             except subprocess.TimeoutExpired:
                 proc.kill()
     return exit_code

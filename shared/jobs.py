@@ -297,23 +297,3 @@ class JobStore:
     def mark_requeued(self, job_id: str, stale_owner: str) -> bool:
         """processing (by ``stale_owner``) -> queued, once its task has been sent again."""
         return bool(self._requeue(keys=self._keys(job_id)[:3], args=[job_id, stale_owner, self.settings.UPLOAD_TTL_S]))
-
-    def wait(self, job_id: str, timeout_s: float) -> Job | None:
-        """The job once it is final or ``timeout_s`` has passed, blocking on Redis pub/sub (no polling loop)."""
-        job = self.get(job_id)
-        if job is None or job.status.is_final or timeout_s <= 0:
-            return job
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(keys.job_done_channel(job_id))
-            job = self.get(job_id)  # it may have finished between the first read and the subscription
-            deadline = time.monotonic() + timeout_s
-            while job is not None and not job.status.is_final:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                if pubsub.get_message(timeout=remaining) is not None:
-                    job = self.get(job_id)
-        finally:
-            pubsub.close()
-        return job
