@@ -316,3 +316,54 @@ def test_admission_control_refuses_at_the_door(chaos_redis, cache_dir):
     tight = web(chaos_settings(chaos_redis.url, cache_dir, QUEUE="chaos-admission-2", MAX_REDIS_MEMORY_FRACTION=1e-6))
     refused = tight.post("/v1/transcriptions", data=CLIP, content_type="audio/webm")
     assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "queue_full"
+
+
+def test_a_load_run_loses_nothing(chaos_redis, cache_dir, logs, tmp_path):
+    """Jobs from many clients over the real web server (gunicorn, as `make run` starts it) while hundreds of
+    long-polls stay open and /healthz and uploads are timed (bench/longpoll.py)."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.longpoll import measure, web_stack
+
+    n_jobs, n_clients, n_polls, seconds = (2000, 50, 500, 30.0) if chaos.FULL else (120, 12, 100, 6.0)
+    with web_stack(tmp_path, redis_url=chaos_redis.url) as stack:
+        settings = chaos_settings(chaos_redis.url, cache_dir, QUEUE=stack.settings.QUEUE, WORKER_CONCURRENCY=2)
+        worker = start_worker(settings, logs / "worker.log", name="chaos-load")
+        ledger, base = Ledger(settings), f"http://127.0.0.1:{stack.port}"
+
+        def client(count: int) -> None:
+            for _ in range(count):
+                request = urllib.request.Request(
+                    f"{base}/v1/transcriptions", data=CLIP, headers={"Content-Type": "audio/webm"}, method="POST"
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    job = json.load(response)
+                ledger.accept(job["id"])
+                while job["status"] not in ("succeeded", "failed"):
+                    with urllib.request.urlopen(f"{base}{job['url']}?wait=30", timeout=40) as response:
+                        job = json.load(response)
+
+        try:
+            started = time.monotonic()
+            with ThreadPoolExecutor(n_clients) as pool:
+                futures = [pool.submit(client, n_jobs // n_clients) for _ in range(n_clients)]
+                load = measure(stack, polls=n_polls, wait_s=10.0, duration_s=seconds, warmup_s=2.0)
+                for future in futures:
+                    future.result()
+            elapsed = time.monotonic() - started
+            ledger.wait_all(60)
+        finally:
+            stop_worker(worker)
+    healthz, upload = load["healthz"], load["upload"]
+    row = ledger.report(
+        f"load: {n_jobs} jobs from {n_clients} clients, {n_polls} open long-polls",
+        "200 long-polls: neither /healthz nor an upload answered within 40 s",
+        extra=(
+            f"{n_jobs} jobs in {elapsed:.0f} s; meanwhile /healthz p99 {healthz['p99_ms']} ms, "
+            f"upload p99 {upload['p99_ms']} ms ({healthz['ok']}/{healthz['sent']}, {upload['ok']}/{upload['sent']} ok)"
+        ),
+    )
+    assert row["ok"] and row["outcomes"] == {"succeeded": row["jobs"]}, row
+    assert healthz["ok"] == healthz["sent"] and upload["ok"] == upload["sent"], load
