@@ -191,6 +191,7 @@ class JobStore:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
+        self._exhausted = _exhausted_error(settings.MAX_ATTEMPTS)  # the error both claim and reap_check may write
         self._finish = client.register_script(_FINISH)
         self._claim = client.register_script(_CLAIM)
         self._reap_check = client.register_script(_REAP_CHECK)
@@ -253,7 +254,7 @@ class JobStore:
         outcome, detail = self._claim(
             keys=[*self._keys(job_id), keys.model_processes()],
             args=[job_id, owner, s.TASK_TIME_LIMIT_S + LEASE_MARGIN_S, s.UPLOAD_TTL_S, keys.MODEL_HEARTBEAT_STALE_S,
-                  s.MAX_ATTEMPTS, _exhausted_error(s.MAX_ATTEMPTS), take_over],
+                  s.MAX_ATTEMPTS, self._exhausted, take_over],
         )  # fmt: skip
         return Claim(ClaimOutcome(outcome.decode()), detail.decode())
 
@@ -289,8 +290,7 @@ class JobStore:
         attempts and was failed here as worker_crashed."""
         outcome, owner = self._reap_check(
             keys=[*self._keys(job_id), keys.model_processes()],
-            args=[job_id, keys.MODEL_HEARTBEAT_STALE_S, self.settings.MAX_ATTEMPTS,
-                  _exhausted_error(self.settings.MAX_ATTEMPTS)],
+            args=[job_id, keys.MODEL_HEARTBEAT_STALE_S, self.settings.MAX_ATTEMPTS, self._exhausted],
         )  # fmt: skip
         return outcome.decode(), owner.decode()
 

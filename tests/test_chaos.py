@@ -8,21 +8,19 @@ scenario once and small; `make chaos` (CHAOS_FULL=1) at full size, and prints th
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import threading
 import time
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 
 from shared.queue import enqueue, make_celery
 from tests import chaos
 from tests.chaos import Ledger, RedisUnderTest, chaos_settings, kill_group, repeats, start_worker, stop_worker
 from tests.conftest import DATA
+from tests.test_decode_memory import encoded
 
 pytestmark = pytest.mark.chaos
 CLIP = (DATA / "marhaba.webm").read_bytes()
@@ -233,23 +231,6 @@ def test_duplicate_deliveries_never_change_a_job(chaos_redis, cache_dir, logs):
         stop_worker(worker)
 
 
-def flac_bomb() -> bytes:
-    """15 KB of FLAC in Matroska that declares 384 kHz x 8 channels x 30 s (of silence)."""
-    buf = io.BytesIO()
-    rate, frame = 384_000, 18_432
-    with av.open(buf, "w", format="matroska") as out:
-        stream = out.add_stream("flac", rate=rate, layout="octagonal")
-        silence = np.zeros((1, frame * 8), dtype=np.int16)
-        for pts in range(0, rate * 30, frame):
-            chunk = av.AudioFrame.from_ndarray(silence, format="s16", layout="octagonal")
-            chunk.sample_rate, chunk.pts = rate, pts
-            for packet in stream.encode(chunk):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
-
-
 def test_a_decompression_bomb_is_refused_within_the_memory_budget(chaos_redis, cache_dir, logs):
     settings = chaos_settings(chaos_redis.url, cache_dir, QUEUE="chaos-bomb")
     worker = start_worker(settings, logs / "worker.log", name="chaos-bomb")
@@ -258,7 +239,7 @@ def test_a_decompression_bomb_is_refused_within_the_memory_budget(chaos_redis, c
         (child,) = chaos.ready_pids(settings, worker)
         submit(client, ledger)  # one normal job first: the working set of a job
         ledger.wait_all(60)
-        bomb = flac_bomb()
+        bomb = encoded(384_000, 8, 30, tone_s=0)  # 15 KB of FLAC in Matroska: 384 kHz x 8 ch x 30 s of silence
         before = chaos.rss_mb(child)
         chaos.reset_peak_rss(child)
         submit(client, ledger, bomb)
