@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL_DIR = REPO_ROOT / "models" / "arabic-words-small"
+BUNDLED_MODEL_DIR = REPO_ROOT / "worker" / "models" / "arabic-words-small"
 BUNDLED_LEXICON = REPO_ROOT / "worker" / "data" / "ar-words.txt.gz"
 
 

@@ -42,7 +42,7 @@ PY
 echo "eval set built in $(( $(date +%s) - t0 )) s"
 # --line-buffered: a killed run must still leave its log behind
 $PY -m training.train --data $DATA --stream-workers "${WORKERS:-$(( $(nproc) - 2 ))}" \
-  --init-from "${INIT_FROM:-models/arabic-words-small}" --out "$OUTDIR/model" --minutes "${MINUTES:-7}" \
+  --init-from "${INIT_FROM:-worker/models/arabic-words-small}" --out "$OUTDIR/model" --minutes "${MINUTES:-7}" \
   --max-steps 100000 --lr "${LR:-8e-4}" --warmup "${WARMUP:-300}" --max-frames "${FRAMES:-18000}" \
   --eval-every "${EVAL_EVERY:-250}" --eval-clips "${EVAL_CLIPS:-200}" --min-clips "${MIN_CLIPS:-3000}" \
   --max-reuse "${REUSE:-5}" --seed "${SEED:-5}" --threads 4 2>&1 \

@@ -5,7 +5,7 @@ Architecture: a small Wav2Vec2-BERT conformer over 80-bin log-mel filterbanks (`
 wav2vec2 checkpoint. A raw-waveform wav2vec2 trained from scratch stays on the all-blank plateau for far longer on
 2 CPU cores (``../shared/model-training-notes.md``); the filterbank front end leaves it within minutes.
 
-    python -m training.train --data training/work/data --out models/arabic-words-small --minutes 70
+    python -m training.train --data training/work/data --out worker/models/arabic-words-small --minutes 70
 
 Stops at ``--max-steps`` or ``--minutes``, whichever first; the learning-rate schedule follows whichever is further
 along, so a time-boxed run still anneals. Keeps the checkpoint with the best CER on the held-out eval set.
@@ -184,7 +184,7 @@ def streamed_batches(stream, buffer, tokenizer, min_clips: int, max_reuse: float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("training/work/data"))
-    parser.add_argument("--out", type=Path, default=Path("models/arabic-words-small"))
+    parser.add_argument("--out", type=Path, default=Path("worker/models/arabic-words-small"))
     parser.add_argument("--minutes", type=float, default=70)
     parser.add_argument("--max-steps", type=int, default=20_000)
     parser.add_argument("--layers", type=int, default=4)
