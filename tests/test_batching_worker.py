@@ -10,7 +10,7 @@ import pytest
 from shared.config import Settings
 from tests.conftest import DATA, start_worker, stop_worker, wait_for
 from worker.asr import load_model
-from worker.lifecycle import build_decoder
+from worker.model import build_decoder
 from worker.pipeline import transcribe_bytes
 
 CLIPS = ["marhaba.webm", "shukran.webm", "sabah_alkhayr.webm", "marhaba.ogg", "shukran.mp3", "kitab.wav"]

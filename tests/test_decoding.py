@@ -117,7 +117,7 @@ def test_arabic_share_of_a_vocabulary():
 
 # ------------------------------------------------------------------------ the worker's decoder from settings
 def test_build_decoder_follows_the_settings(tiny_wav2vec2, tmp_path):
-    from worker.lifecycle import build_decoder
+    from worker.model import build_decoder
 
     model = load_model(str(tiny_wav2vec2))
     assert build_decoder(model, Settings.from_env(ASR_BEAM_SIZE=1)) is None
@@ -135,10 +135,10 @@ def test_build_decoder_follows_the_settings(tiny_wav2vec2, tmp_path):
 def test_a_latin_vocabulary_gets_no_arabic_word_list(caplog):
     from dataclasses import replace
 
-    from worker.lifecycle import build_decoder
+    from worker.model import build_decoder
 
     model = load_model(str(BUNDLED_MODEL_DIR), backend="torch-fp32")
     latin = replace(model, id_to_token=["[PAD]", "[UNK]", "|"] + list("abcdefghijklmnopqrstuvwxyz"))
-    with caplog.at_level(logging.WARNING, logger="worker.lifecycle"):
+    with caplog.at_level(logging.WARNING, logger="worker.model"):
         dec = build_decoder(latin, Settings.from_env())
     assert dec is not None and dec.lexicon is None and "not Arabic" in caplog.text

@@ -9,19 +9,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import redis
-import torch
 
 from shared import keys
 from shared.config import Settings
 from shared.jobs import JobStore
-from worker.asr import LoadedModel, infer_batch, load_model, select_device, warm_up
+from worker.asr import LoadedModel, infer_batch, select_device, warm_up
 from worker.batching import DynamicBatcher
-from worker.decoding import BeamDecoder
-from worker.lexicon import Lexicon
+from worker.model import load_configured_model
 from worker.recovery import forward_fault, process_name, sweep_lost_jobs
 
 log = logging.getLogger(__name__)
@@ -38,38 +35,6 @@ class WorkerState:
 
 
 _state: WorkerState | None = None  # owned by init_process(); one per worker process
-
-
-def load_configured_model(settings: Settings, device: torch.device) -> LoadedModel:
-    """The model, backend, cache and decoder the settings name (the worker and `arabic-words transcribe` and
-    `evaluate` all use it)."""
-    model = load_model(
-        settings.ASR_MODEL,
-        device=device,
-        threads=settings.TORCH_THREADS,
-        backend=settings.ASR_BACKEND,
-        cache_dir=Path(settings.ASR_CACHE_DIR) if settings.ASR_CACHE_DIR else None,
-    )
-    return replace(model, decoder=build_decoder(model, settings))
-
-
-MIN_ARABIC_SHARE = 0.8  # of a vocabulary's letters, for the Arabic word list to apply
-
-
-def build_decoder(model: LoadedModel, settings: Settings) -> BeamDecoder | None:
-    """The beam search the settings ask for (None: greedy), with the word list when the model writes Arabic."""
-    if settings.ASR_BEAM_SIZE <= 1:
-        return None
-    decoder = BeamDecoder.for_vocabulary(
-        model.id_to_token, model.blank_id, model.delimiter, model.special_ids,
-        beam_size=settings.ASR_BEAM_SIZE, oov_penalty=settings.ASR_LEXICON_PENALTY,
-    )  # fmt: skip
-    if settings.ASR_LEXICON.strip().lower() in ("", "none"):
-        return decoder
-    if decoder.arabic_share() < MIN_ARABIC_SHARE:
-        log.warning("word list not used: the model's vocabulary is not Arabic letters lexicon=%s", settings.ASR_LEXICON)
-        return decoder
-    return replace(decoder, lexicon=Lexicon.load(settings.ASR_LEXICON))
 
 
 def init_process(settings: Settings, send: Callable[[str, str], None], process_index: int = 0) -> WorkerState:

@@ -1,0 +1,48 @@
+"""Settings -> a ready-to-use model with its decoder: what the worker, `arabic-words transcribe` and `evaluate`
+load."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from shared.config import Settings
+from worker.asr import LoadedModel, load_model
+from worker.decoding import BeamDecoder
+from worker.lexicon import Lexicon
+
+log = logging.getLogger(__name__)
+
+MIN_ARABIC_SHARE = 0.8  # of a vocabulary's letters, for the Arabic word list to apply
+
+
+def load_configured_model(settings: Settings, device: torch.device) -> LoadedModel:
+    """The model, backend, cache and decoder the settings name (the worker and `arabic-words transcribe` and
+    `evaluate` all use it)."""
+    model = load_model(
+        settings.ASR_MODEL,
+        device=device,
+        threads=settings.TORCH_THREADS,
+        backend=settings.ASR_BACKEND,
+        cache_dir=Path(settings.ASR_CACHE_DIR) if settings.ASR_CACHE_DIR else None,
+    )
+    return replace(model, decoder=build_decoder(model, settings))
+
+
+def build_decoder(model: LoadedModel, settings: Settings) -> BeamDecoder | None:
+    """The beam search the settings ask for (None: greedy), with the word list when the model writes Arabic."""
+    if settings.ASR_BEAM_SIZE <= 1:
+        return None
+    decoder = BeamDecoder.for_vocabulary(
+        model.id_to_token, model.blank_id, model.delimiter, model.special_ids,
+        beam_size=settings.ASR_BEAM_SIZE, oov_penalty=settings.ASR_LEXICON_PENALTY,
+    )  # fmt: skip
+    if settings.ASR_LEXICON.strip().lower() in ("", "none"):
+        return decoder
+    if decoder.arabic_share() < MIN_ARABIC_SHARE:
+        log.warning("word list not used: the model's vocabulary is not Arabic letters lexicon=%s", settings.ASR_LEXICON)
+        return decoder
+    return replace(decoder, lexicon=Lexicon.load(settings.ASR_LEXICON))
