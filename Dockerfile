@@ -1,8 +1,9 @@
 FROM python:3.11-slim
-WORKDIR /app
 # TORCH_SPEC: a CPU wheel by default; pass a CUDA build for the GPU worker image.
 ARG TORCH_SPEC=torch==2.13.0
 RUN pip install --no-cache-dir "${TORCH_SPEC}"
-COPY . /app
-RUN pip install --no-cache-dir -e .
+# Installed as a package (model and word list are package data); the source tree is not kept in the image.
+COPY . /src
+RUN pip install --no-cache-dir /src && rm -rf /src
+WORKDIR /app
 ENV PORT=8000

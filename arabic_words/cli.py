@@ -1,4 +1,4 @@
-"""`arabic-words`: run | transcribe | evaluate | backfill."""
+"""`arabic-words`: run | web | worker | flower | transcribe | evaluate | backfill."""
 
 from __future__ import annotations
 
@@ -16,72 +16,28 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from shared.config import REPO_ROOT, Settings
+from arabic_words.processes import SERVICES, command, exec_service, flower_argv, run_worker, web_argv
+from shared.config import ConfigError, Settings
 
 AUDIO_SUFFIXES = {".webm", ".weba", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".wav", ".flac"}
 log = logging.getLogger("arabic_words")
 
 
-# ---------------------------------------------------------------------------------------------------- run
-def _service_commands(settings: Settings, redis_url: str) -> dict[str, list[str]]:
-    bin_dir = Path(sys.executable).parent
-    flower_addr = "0.0.0.0" if settings.FLOWER_BASIC_AUTH else "127.0.0.1"  # no auth: never off this machine
-    flower = [str(bin_dir / "celery"), "--broker", redis_url, "flower", f"--port={settings.FLOWER_PORT}",
-              f"--address={flower_addr}", "--purge_offline_workers=60"]  # fmt: skip
-    if settings.FLOWER_BASIC_AUTH:
-        flower.append(f"--basic-auth={settings.FLOWER_BASIC_AUTH}")
-    return {
-        # gevent: a waiting ?wait= long-poll is a greenlet, not one of a few threads (web/waiting.py); each process
-        # holds up to 1000 connections. --timeout is gevent's heartbeat (a blocked loop), not a per-request limit;
-        # the graceful timeout outlasts a 30 s long-poll, so a restart lets the open ones answer.
-        "web": [
-            str(bin_dir / "gunicorn"),
-            "--bind",
-            f"127.0.0.1:{settings.PORT}",
-            "--worker-class",
-            "gevent",
-            "--workers",
-            "2",
-            "--worker-connections",
-            "1000",
-            "--timeout",
-            "60",
-            "--graceful-timeout",
-            "35",
-            "web:create_app()",
-        ],
-        "worker": [
-            str(bin_dir / "celery"),
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--loglevel",
-            settings.LOG_LEVEL,
-            "-Q",
-            settings.QUEUE,
-            "-n",
-            "worker@%h",
-        ],
-        "flower": flower,
-    }
-
-
-def cmd_run(args: argparse.Namespace) -> int:
+# ------------------------------------------------------------------------------------------- the services
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """Start Redis (unless REDIS_URL is set), the web server, one worker and Flower; Ctrl-C stops them all."""
     from shared.redis_server import free_port, start_redis
 
-    settings = Settings()
-    env = dict(os.environ)
+    env = {**os.environ, **settings.as_env()}
     procs: dict[str, subprocess.Popen] = {}
-    redis_url = settings.REDIS_URL
-    if not redis_url:
-        port = int(os.environ.get("REDIS_PORT", "0")) or free_port()
-        procs["redis"] = start_redis(port, REPO_ROOT / ".run" / "redis", maxmemory=settings.REDIS_MAXMEMORY)
-        redis_url = f"redis://127.0.0.1:{port}/0"
-        env["REDIS_URL"] = redis_url
-        print(f"embedded redis-server on {redis_url} (data in .run/redis)", flush=True)
-    for name, command in _service_commands(settings, redis_url).items():
-        procs[name] = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+    if not settings.REDIS_URL:
+        port = settings.REDIS_PORT or free_port()
+        data_dir = settings.state_dir / "redis"
+        procs["redis"] = start_redis(port, data_dir, maxmemory=settings.REDIS_MAXMEMORY)
+        env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        print(f"embedded redis-server on {env['REDIS_URL']} (data in {data_dir})", flush=True)
+    for name in SERVICES:
+        procs[name] = subprocess.Popen(command(name), env=env)
 
     stopping = False
 
@@ -116,16 +72,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         if proc and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=40)  # above gunicorn's 35 s graceful timeout: open long-polls get their answer
+                proc.wait(timeout=settings.MAX_WAIT_S + 10)  # gunicorn lets open long-polls answer first
             except subprocess.TimeoutExpired:
                 proc.kill()
     return exit_code
 
 
+def _require_redis(settings: Settings) -> None:
+    if not settings.REDIS_URL:
+        raise ConfigError("REDIS_URL is not set (`arabic-words run` starts an embedded Redis and sets it)")
+
+
+def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    _require_redis(settings)
+    exec_service(web_argv(settings), settings)
+    return 0  # not reached
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    _require_redis(settings)
+    return run_worker(settings, args.celery_options)
+
+
+def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+    _require_redis(settings)
+    exec_service(flower_argv(settings), settings)
+    return 0  # not reached
+
+
 # ---------------------------------------------------------------------------------------------- transcribe
 def _load(settings: Settings):
     from worker.asr import select_device
-    from worker.lifecycle import load_configured_model
+    from worker.model import load_configured_model
 
     return load_configured_model(settings, select_device(0))
 
@@ -145,9 +123,8 @@ def _transcribe_file(model, path: Path, settings: Settings, expected: str | None
     return {"file": str(path), "status": "succeeded", "result": result.to_dict()}
 
 
-def cmd_transcribe(args: argparse.Namespace) -> int:
+def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
     """One JSON line per file, the API's result schema, no queue."""
-    settings = Settings.from_env(**({"ASR_MODEL": args.model} if args.model else {}))
     model = _load(settings)
     failed = 0
     for name in args.files:
@@ -168,10 +145,9 @@ def read_manifest(directory: Path) -> list[tuple[Path, str]]:
     return rows
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from arabic_words.metrics import auroc, corpus_scores, word_correctness
 
-    settings = Settings.from_env(**({"ASR_MODEL": args.model} if args.model else {}))
     model = _load(settings)
     rows = read_manifest(Path(args.directory))
     pairs, scores, labels, decode_ms, infer_ms, by_format = [], [], [], [], [], {}
@@ -222,7 +198,7 @@ def _post_and_wait(url: str, path: Path, timeout_s: float) -> dict:
     return {"file": str(path), **job}
 
 
-def cmd_backfill(args: argparse.Namespace) -> int:
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     """Send every recording under a folder to a running service; one JSON line per file; resumable."""
     from tqdm import tqdm
 
@@ -253,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="arabic-words", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start redis (embedded), web, worker and flower").set_defaults(func=cmd_run)
+    sub.add_parser("web", help="the HTTP API (gunicorn, gevent) on HOST:PORT").set_defaults(func=cmd_web)
+    sub.add_parser(
+        "worker", help="a Celery worker that loads the model and runs jobs; more `celery worker` options may follow"
+    ).set_defaults(func=cmd_worker)
+    sub.add_parser("flower", help="Flower, the Celery monitor, on FLOWER_PORT").set_defaults(func=cmd_flower)
 
     p = sub.add_parser("transcribe", help="transcribe files without the queue; one JSON line per file")
     p.add_argument("files", nargs="+")
@@ -262,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="CER, word accuracy and confidence AUROC on a folder with transcripts.tsv")
     p.add_argument("directory")
-    p.add_argument("--model")
+    p.add_argument("--model", help="checkpoint dir or hub id (default: ASR_MODEL)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -274,6 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one job")
     p.set_defaults(func=cmd_backfill)
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s %(message)s")
-    return args.func(args)
+    args, args.celery_options = parser.parse_known_args(argv)
+    if args.celery_options and args.func is not cmd_worker:
+        parser.error(f"unrecognized arguments: {' '.join(args.celery_options)}")
+    try:
+        settings = Settings(**({"ASR_MODEL": args.model} if getattr(args, "model", None) else {}))
+        if args.func is not cmd_worker:  # the worker logs at LOG_LEVEL; a command says only what went wrong
+            logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s %(message)s")
+        return args.func(args, settings)
+    except ConfigError as exc:
+        print(f"arabic-words: {exc}", file=sys.stderr)
+        return 2

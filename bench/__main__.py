@@ -14,7 +14,6 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -45,7 +44,8 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> float:
 
 def speech(seconds: float) -> np.ndarray:
     """Real (synthetic) Arabic speech from the committed fixtures, repeated to ``seconds``."""
-    words = [decode((DATA / f"{name}.flac").read_bytes()) for name in ("marhaba", "shukran", "sabah_alkhayr")]
+    names = ("marhaba", "shukran", "sabah_alkhayr")
+    words = [decode((DATA / f"{name}.flac").read_bytes(), max_audio_s=30) for name in names]
     audio = np.concatenate(words)
     audio = np.tile(audio, int(np.ceil(seconds * SAMPLE_RATE / len(audio))))
     return audio[: int(seconds * SAMPLE_RATE)].copy()
@@ -170,13 +170,15 @@ def bench_models(models: list[str], threads: int, runs: int, batch_runs: int) ->
 
 
 def bench_service(runs: int, threads: int) -> dict:
-    """POST a 2.2 s WebM over real HTTP (gunicorn, as `arabic-words run` serves it) -> Redis -> Celery worker, then
-    GET ?wait= (long-poll); split the wall time. Reference in the same run: ffmpeg pipe decode + fp32 eager."""
+    """POST a 2.2 s WebM over real HTTP (`arabic-words web`, as `arabic-words run` serves it) -> Redis -> Celery
+    worker, then GET ?wait= (long-poll); split the wall time. Reference in the same run: ffmpeg pipe decode + fp32
+    eager."""
     import http.client
 
     import redis as redis_lib
     import torch
 
+    from arabic_words.processes import command
     from bench.models import WORK
     from shared import keys
     from shared.config import Settings
@@ -188,23 +190,16 @@ def bench_service(runs: int, threads: int) -> dict:
     tmp = tempfile.TemporaryDirectory()
     port, http_port = free_port(), free_port()
     redis_proc = start_redis(port, Path(tmp.name), persistent=False)
-    settings = Settings.from_env(
+    settings = Settings(
         REDIS_URL=f"redis://127.0.0.1:{port}/0", QUEUE="bench", ASR_CACHE_DIR=str(WORK / "cache"),
-        TORCH_THREADS=threads,
+        TORCH_THREADS=threads, PORT=http_port, LOG_LEVEL="WARNING",
     )  # fmt: skip
-    env = {**os.environ, **{k: str(v) for k, v in settings.as_dict().items()}}
+    env = {**os.environ, **settings.as_env()}
     started = time.perf_counter()
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "bench", "-c", "1",
-             "--loglevel", "WARNING", "--without-mingle", "--without-gossip"],
-            env=env, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{http_port}", "--worker-class", "gthread",
-             "--workers", "1", "--threads", "8", "web:create_app()"],
-            env=env, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ),
+        subprocess.Popen(command(name, *extra), env=env, cwd=HERE.parent, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+        for name, extra in (("worker", ("--without-mingle", "--without-gossip")), ("web", ()))
     ]  # fmt: skip
 
     def request(method: str, path: str, body: bytes | None = None) -> dict:
@@ -216,7 +211,7 @@ def bench_service(runs: int, threads: int) -> dict:
 
     try:
         client_redis = redis_lib.Redis(port=port)
-        while client_redis.hlen(keys.model_loads()) < 1:
+        while not client_redis.zcard(keys.model_processes()):  # a process's first heartbeat: its model is warm
             if procs[0].poll() is not None:
                 raise RuntimeError("worker exited")
             time.sleep(0.05)
@@ -250,7 +245,7 @@ def bench_service(runs: int, threads: int) -> dict:
 
     # the reference method's two parts, measured now on the same clip
     torch.set_num_threads(threads)
-    audio = decode(data)
+    audio = decode(data, max_audio_s=30)
     eager = load_model(str(BUNDLED_MODEL_DIR), backend="torch-fp32", threads=threads)
     ref_decode = median_ms(lambda: reference_pipe_decode(data, ffmpeg_binary()), max(5, runs // 2), warmup=1)
     ref_infer = median_ms(lambda: infer(eager, audio), runs)

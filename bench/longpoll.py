@@ -1,7 +1,7 @@
 """Long-poll load on the web server alone: K concurrent ``?wait=W`` long-polls while /healthz and uploads are timed.
 
 Loopback only and bounded: it starts its own redis-server (free port, temporary directory) and the web server with
-the service's own gunicorn command (``arabic_words.cli._service_commands``), and no Celery worker, so every job
+the service's own web command (``arabic-words web``, ``arabic_words/processes.py``), and no Celery worker, so every job
 stays queued and every long-poll waits its full time; each long-poll is re-issued when it answers, so K stay open
 throughout. Meanwhile it sends GET /healthz and multipart uploads (tests/data/kitab.wav) at fixed rates (open loop:
 a slow answer does not delay the next request) and, a few times, finishes a job through ``JobStore.succeed`` while a
@@ -34,10 +34,11 @@ from pathlib import Path
 
 import redis
 
-from shared.config import REPO_ROOT, Settings
+from shared.config import Settings
 from shared.jobs import JobStore
 from shared.redis_server import free_port, start_redis
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 UPLOAD_FIXTURE = REPO_ROOT / "tests" / "data" / "kitab.wav"
 HOST = "127.0.0.1"
 
@@ -47,7 +48,7 @@ class WebStack:
     port: int
     store: JobStore
     settings: Settings
-    command: list[str]
+    command: list[str]  # the gunicorn command line `arabic-words web` runs
     log_path: Path
 
 
@@ -55,22 +56,20 @@ class WebStack:
 def web_stack(tmp_dir: Path, *, redis_url: str | None = None, start_timeout_s: float = 30) -> Iterator[WebStack]:
     """A redis-server (unless ``redis_url``) and the web server as ``arabic-words run`` starts it, on loopback ports;
     no worker. Stopped (quick shutdown: open long-polls are cut) on the way out."""
-    from arabic_words.cli import _service_commands
+    from arabic_words.processes import command, web_argv
 
     redis_proc = None
     if redis_url is None:
         redis_port = free_port()
         redis_proc = start_redis(redis_port, tmp_dir / "redis", persistent=False)
         redis_url = f"redis://{HOST}:{redis_port}/0"
-    settings = Settings.from_env(REDIS_URL=redis_url, PORT=free_port(), QUEUE="bench-longpoll", LOG_LEVEL="WARNING")
-    command = _service_commands(settings, redis_url)["web"]
-    bind = command[command.index("--bind") + 1]
-    if not bind.startswith(f"{HOST}:"):
-        raise RuntimeError(f"the web command binds {bind}, not loopback: refusing to load it")
-    env = {**os.environ, **{k: str(v) for k, v in settings.as_dict().items()}}
+    settings = Settings(
+        REDIS_URL=redis_url, HOST=HOST, PORT=free_port(), QUEUE="bench-longpoll", LOG_LEVEL="WARNING"
+    )  # loopback only: this is a load generator's target
+    web_command, env = command("web"), {**os.environ, **settings.as_env()}
     log_path = tmp_dir / "gunicorn.log"
     with log_path.open("w") as log_file:
-        web = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        web = subprocess.Popen(web_command, env=env, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     client = redis.Redis.from_url(redis_url)
     try:
         deadline = time.monotonic() + start_timeout_s
@@ -82,7 +81,7 @@ def web_stack(tmp_dir: Path, *, redis_url: str | None = None, start_timeout_s: f
                 if web.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the web server did not start:\n{log_path.read_text()[-3000:]}") from None
                 time.sleep(0.1)
-        yield WebStack(settings.PORT, JobStore(client, settings), settings, command, log_path)
+        yield WebStack(settings.PORT, JobStore(client, settings), settings, web_argv(settings), log_path)
     finally:
         if web.poll() is None:
             web.send_signal(signal.SIGINT)  # gunicorn: quick shutdown (TERM would wait for the open long-polls)

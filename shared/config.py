@@ -1,95 +1,151 @@
-"""The one configuration object. Every setting is an environment variable with a default (see README)."""
+"""The one configuration object: every setting is an environment variable with a default, documented where it is
+defined (and in the README's table). Each entry point builds one ``Settings`` (``arabic-words ...``, the web app
+factory) and passes it down; nothing else reads the environment. A bad value is refused at startup with one line
+naming the variable (``ConfigError``), not when some code path first uses it."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_MODEL_DIR = REPO_ROOT / "worker" / "models" / "arabic-words-small"
-BUNDLED_LEXICON = REPO_ROOT / "worker" / "data" / "ar-words.txt.gz"
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Data that ships inside the package (a wheel has it too): the bundled model and the Arabic word list.
+_WORKER_PACKAGE = Path(__file__).resolve().parent.parent / "worker"
+BUNDLED_MODEL_DIR = _WORKER_PACKAGE / "models" / "arabic-words-small"
+BUNDLED_LEXICON = _WORKER_PACKAGE / "data" / "ar-words.txt.gz"
+
+# worker.backends.Backend's values (a test keeps the two equal; the web app must not import torch to validate)
+AsrBackend = Literal["auto", "torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8", "torch-fp16"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with; the message is one line naming each bad variable."""
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, frozen=True, extra="forbid")
+
+    # ------------------------------------------------------------------------------------------- Redis and jobs
     # Redis: broker, job records and uploads. Empty = `arabic-words run` starts its own embedded server.
-    REDIS_URL: str = field(default_factory=lambda: _env("REDIS_URL", ""))
+    REDIS_URL: str = ""
+    # Port of that embedded server; 0 = any free port.
+    REDIS_PORT: int = Field(0, ge=0, le=65535)
+    # `maxmemory` of the embedded Redis (with `noeviction` and an append-only file), e.g. 2gb, 512mb.
+    REDIS_MAXMEMORY: str = Field("2gb", pattern=r"^(?i:\d+(b|k|kb|m|mb|g|gb)?)$")
+    # Where `arabic-words run` keeps its runtime data (the embedded Redis's append-only file). Empty =
+    # $XDG_STATE_HOME/arabic-words, else ~/.local/state/arabic-words: never the source tree or site-packages.
+    STATE_DIR: str = ""
     # Seconds an upload's bytes stay in Redis waiting for a worker.
-    UPLOAD_TTL_S: int = field(default_factory=lambda: int(_env("UPLOAD_TTL_S", "3600")))
+    UPLOAD_TTL_S: int = Field(3600, ge=1)
     # Seconds a job record (status and result) is kept after it was created.
-    RESULT_TTL_S: int = field(default_factory=lambda: int(_env("RESULT_TTL_S", "86400")))
-    MAX_UPLOAD_BYTES: int = field(default_factory=lambda: int(_env("MAX_UPLOAD_BYTES", str(10 * 1024 * 1024))))
-    MAX_AUDIO_S: float = field(default_factory=lambda: float(_env("MAX_AUDIO_S", "30")))
+    RESULT_TTL_S: int = Field(86400, ge=1)
+    MAX_UPLOAD_BYTES: int = Field(10 * 1024 * 1024, ge=1)
+    MAX_AUDIO_S: float = Field(30.0, gt=0)
     # Longest `?wait=` a client may ask for.
-    MAX_WAIT_S: float = field(default_factory=lambda: float(_env("MAX_WAIT_S", "30")))
+    MAX_WAIT_S: float = Field(30.0, ge=0)
     # Deliveries of one job before it is failed as `worker_crashed` (a poison upload must not loop forever).
-    MAX_ATTEMPTS: int = field(default_factory=lambda: int(_env("MAX_ATTEMPTS", "3")))
-    # Model: a local directory or a hub id (needs internet), loaded with from_pretrained.
-    ASR_MODEL: str = field(default_factory=lambda: _env("ASR_MODEL", str(BUNDLED_MODEL_DIR)))
-    # Inference backend: auto | torch-fp32 | torch-int8 | onnx-fp32 | onnx-int8 | torch-fp16 (CUDA). `auto` is
-    # torch-fp16 on a GPU; on the CPU it measures once per checkpoint and machine and picks the fastest backend
-    # that agrees with fp32 (see worker/backends.py).
-    ASR_BACKEND: str = field(default_factory=lambda: _env("ASR_BACKEND", "auto"))
-    # ONNX exports and `auto`'s measurements, keyed by a hash of the checkpoint. Empty = ~/.cache/arabic-words.
-    ASR_CACHE_DIR: str = field(default_factory=lambda: _env("ASR_CACHE_DIR", ""))
-    # Decoding: CTC beam search of this width; 1 = greedy (best path).
-    ASR_BEAM_SIZE: int = field(default_factory=lambda: int(_env("ASR_BEAM_SIZE", "12")))
-    # Word list the beam search prefers (one word per line, optionally .gz); "none" = no list. Default: the
-    # bundled hunspell-ar list (worker/data/ar-words.txt.gz), used with Arabic vocabularies only.
-    ASR_LEXICON: str = field(default_factory=lambda: _env("ASR_LEXICON", str(BUNDLED_LEXICON)))
-    # Log-probability a word outside the list costs in the beam search (0 = the list changes nothing).
-    ASR_LEXICON_PENALTY: float = field(default_factory=lambda: float(_env("ASR_LEXICON_PENALTY", "2.0")))
-    # Dynamic batching: >1 runs the worker with a threads pool of this many jobs whose forward passes are
-    # grouped into batches of up to this size (meant for GPUs; on a 2-core CPU batching buys little).
-    BATCH_MAX_SIZE: int = field(default_factory=lambda: int(_env("BATCH_MAX_SIZE", "1")))
-    # How long the first clip of a batch waits for others (milliseconds).
-    BATCH_WINDOW_MS: float = field(default_factory=lambda: float(_env("BATCH_WINDOW_MS", "10")))
-    # CPU threads per worker process for torch (0 = torch's default).
-    TORCH_THREADS: int = field(default_factory=lambda: int(_env("TORCH_THREADS", "0")))
-    # Worker processes per worker (Celery prefork pool); each loads its own model.
-    WORKER_CONCURRENCY: int = field(default_factory=lambda: int(_env("WORKER_CONCURRENCY", "1")))
-    # Seconds the worker parent waits for a child's model load before killing it.
-    WORKER_INIT_TIMEOUT_S: float = field(default_factory=lambda: float(_env("WORKER_INIT_TIMEOUT_S", "300")))
-    # Seconds after which a job is hard-killed (must stay below the broker's visibility timeout).
-    TASK_TIME_LIMIT_S: int = field(default_factory=lambda: int(_env("TASK_TIME_LIMIT_S", "120")))
-    QUEUE: str = field(default_factory=lambda: _env("QUEUE", "transcribe"))
-    PORT: int = field(default_factory=lambda: int(_env("PORT", "8000")))
-    FLOWER_PORT: int = field(default_factory=lambda: int(_env("FLOWER_PORT", "5555")))
-    # "user:password" for Flower's basic auth; empty leaves Flower bound to localhost only.
-    FLOWER_BASIC_AUTH: str = field(default_factory=lambda: _env("FLOWER_BASIC_AUTH", ""))
-    LOG_LEVEL: str = field(default_factory=lambda: _env("LOG_LEVEL", "INFO"))
+    MAX_ATTEMPTS: int = Field(3, ge=1)
     # Admission control: uploads get 429 `queue_full` (with Retry-After) once this many jobs wait in the queue...
-    MAX_QUEUE_DEPTH: int = field(default_factory=lambda: int(_env("MAX_QUEUE_DEPTH", "5000")))
+    MAX_QUEUE_DEPTH: int = Field(5000, ge=1)
     # ...or once Redis uses this share of its `maxmemory` (Redis is the broker: overload is refused at the door,
     # never evicted).
-    MAX_REDIS_MEMORY_FRACTION: float = field(default_factory=lambda: float(_env("MAX_REDIS_MEMORY_FRACTION", "0.8")))
-    # `maxmemory` of the embedded Redis that `arabic-words run` starts (with `noeviction` and an append-only file).
-    REDIS_MAXMEMORY: str = field(default_factory=lambda: _env("REDIS_MAXMEMORY", "2gb"))
+    MAX_REDIS_MEMORY_FRACTION: float = Field(0.8, gt=0, le=1)
     # Seconds a worker keeps retrying (with backoff) when Redis is unreachable mid-job before it hands the message
     # back to the broker; the job is never failed or acked away for it.
-    REDIS_RETRY_S: float = field(default_factory=lambda: float(_env("REDIS_RETRY_S", "60")))
-    # Fault injection for the chaos suite (docs/chaos.md); 0 = off, the default. Each delays one step so that a fault
-    # from outside (SIGKILL, a Redis stop) lands at that moment, or makes a forward pass hang:
+    REDIS_RETRY_S: float = Field(60.0, ge=0)
+    # The Celery queue jobs go to (and workers take them from).
+    QUEUE: str = Field("transcribe", pattern=r"^[A-Za-z0-9_.:-]+$")
+
+    # ------------------------------------------------------------------------------------------------- model
+    # A CTC checkpoint loaded with from_pretrained: a local directory or a hub id (needs internet).
+    ASR_MODEL: str = Field(str(BUNDLED_MODEL_DIR), min_length=1)
+    # Inference backend. `auto` is torch-fp16 on a GPU; on the CPU it measures once per checkpoint and machine and
+    # picks the fastest backend that agrees with fp32 (see worker/backends.py).
+    ASR_BACKEND: AsrBackend = "auto"
+    # ONNX exports and `auto`'s measurements, keyed by a hash of the checkpoint. Empty = ~/.cache/arabic-words.
+    ASR_CACHE_DIR: str = ""
+    # Decoding: CTC beam search of this width; 1 = greedy (best path).
+    ASR_BEAM_SIZE: int = Field(12, ge=1)
+    # Word list the beam search prefers (one word per line, optionally .gz); "none" = no list. Default: the
+    # bundled hunspell-ar list, used with Arabic vocabularies only.
+    ASR_LEXICON: str = str(BUNDLED_LEXICON)
+    # Log-probability a word outside the list costs in the beam search (0 = the list changes nothing).
+    ASR_LEXICON_PENALTY: float = Field(2.0, ge=0)
+
+    # ------------------------------------------------------------------------------------------------ worker
+    # Dynamic batching: >1 runs the worker with a threads pool of this many jobs whose forward passes are grouped
+    # into batches of up to this size (meant for GPUs; on a 2-core CPU batching buys little).
+    BATCH_MAX_SIZE: int = Field(1, ge=1)
+    # How long the first clip of a batch waits for others (milliseconds).
+    BATCH_WINDOW_MS: float = Field(10.0, ge=0)
+    # CPU threads per worker process for torch (0 = torch's default).
+    TORCH_THREADS: int = Field(0, ge=0)
+    # Worker processes per worker (Celery prefork pool); each loads its own model.
+    WORKER_CONCURRENCY: int = Field(1, ge=1)
+    # Seconds the worker parent waits for a child's model load before killing it.
+    WORKER_INIT_TIMEOUT_S: float = Field(300.0, gt=0)
+    # Seconds after which a job is hard-killed; its soft limit, which fails it as `timeout`, is 5 s earlier.
+    TASK_TIME_LIMIT_S: int = Field(120, ge=2)
+
+    # ------------------------------------------------------------------------------------------- web, Flower
+    # Address the web server (`arabic-words web`) binds: loopback by default; 0.0.0.0 in a container.
+    HOST: str = Field("127.0.0.1", min_length=1)
+    PORT: int = Field(8000, ge=1, le=65535)
+    # gunicorn processes (gevent: each holds up to 1000 connections, long-polls included).
+    WEB_PROCESSES: int = Field(2, ge=1)
+    FLOWER_PORT: int = Field(5555, ge=1, le=65535)
+    # "user:password" for Flower's basic auth; empty leaves Flower bound to localhost only.
+    FLOWER_BASIC_AUTH: str = Field("", pattern=r"^$|^[^:]+:.+$")
+    LOG_LEVEL: LogLevel = "INFO"
+
+    # ------------------------------------------------------------------------------------------ fault injection
+    # For the chaos suite (docs/chaos.md); 0 = off, the default. Each delays one step so that a fault from outside
+    # (SIGKILL, a Redis stop) lands at that moment, or makes a forward pass hang:
     # FAULT_SLOW_FORWARD_S sleeps in the forward pass (a soft time limit interrupts it, like slow Python code);
-    FAULT_SLOW_FORWARD_S: float = field(default_factory=lambda: float(_env("FAULT_SLOW_FORWARD_S", "0")))
+    FAULT_SLOW_FORWARD_S: float = Field(0.0, ge=0)
     # FAULT_STUCK_FORWARD_S blocks there with signals masked (nothing but a kill ends it, like stuck native code);
-    FAULT_STUCK_FORWARD_S: float = field(default_factory=lambda: float(_env("FAULT_STUCK_FORWARD_S", "0")))
+    FAULT_STUCK_FORWARD_S: float = Field(0.0, ge=0)
     # FAULT_PAUSE_BEFORE_PUBLISH_S pauses the web app between storing a job and publishing its task.
-    FAULT_PAUSE_BEFORE_PUBLISH_S: float = field(
-        default_factory=lambda: float(_env("FAULT_PAUSE_BEFORE_PUBLISH_S", "0"))
-    )
+    FAULT_PAUSE_BEFORE_PUBLISH_S: float = Field(0.0, ge=0)
+
+    def __init__(self, **values: object) -> None:
+        """Read the environment; ``values`` override it (tests, the CLI's ``--model``)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc)) from None
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with ``changes``, validated like the original."""
+        return type(self)(**{**self.model_dump(), **changes})
 
     @classmethod
-    def from_env(cls, **overrides: object) -> Settings:
-        return replace(cls(), **overrides)
+    def from_env(cls, **overrides: object) -> Settings:  # transitional alias, removed once callers use Settings()
+        return cls(**overrides)
 
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def as_dict(self) -> dict:  # transitional alias
+        return self.model_dump()
+
+    def as_env(self) -> dict[str, str]:
+        """Every setting as the environment variable that gives it (for the processes ``arabic-words run`` and the
+        tests start)."""
+        return {name: str(value) for name, value in self.model_dump().items()}
+
+    @property
+    def state_dir(self) -> Path:
+        if self.STATE_DIR:
+            return Path(self.STATE_DIR)
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "arabic-words"
 
     @property
     def broker_visibility_timeout_s(self) -> int:
@@ -98,3 +154,11 @@ class Settings:
         # message delivered to a worker that died before claiming its job waits to be handed out again (a claimed
         # job is taken back by the reaper within seconds).
         return max(300, self.TASK_TIME_LIMIT_S * 2)
+
+
+def _one_line(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        problems.append(f"{name}={error.get('input')!r}: {error['msg']}")
+    return "invalid configuration: " + "; ".join(problems)

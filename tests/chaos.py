@@ -8,18 +8,17 @@ that checks the promise: every accepted job ends, exactly once, within the windo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
+from arabic_words.processes import command
 from shared import keys
 from shared.config import BUNDLED_MODEL_DIR, Settings
 from shared.redis_server import start_redis
@@ -34,7 +33,7 @@ def repeats(fast: int, full: int) -> int:
 
 
 def chaos_settings(redis_url: str, cache_dir: Path, **overrides: object) -> Settings:
-    base = Settings.from_env(
+    base = Settings(
         REDIS_URL=redis_url,
         ASR_MODEL=str(BUNDLED_MODEL_DIR),
         ASR_BACKEND="torch-fp32",  # loads in about a second: workers are started and killed many times here
@@ -45,7 +44,7 @@ def chaos_settings(redis_url: str, cache_dir: Path, **overrides: object) -> Sett
         TASK_TIME_LIMIT_S=60,
         MAX_ATTEMPTS=3,
     )
-    return dataclasses.replace(base, **overrides)
+    return base.replace(**overrides)
 
 
 class RedisUnderTest:
@@ -71,12 +70,11 @@ class RedisUnderTest:
 
 def start_worker(settings: Settings, log_path: Path, *, name: str, wait_ready: bool = True) -> subprocess.Popen:
     """A real `celery worker` in a process group of its own; returns once one of its processes has a model."""
-    env = dict(os.environ, **{k: str(v) for k, v in settings.as_dict().items()})
+    argv = command("worker", "-n", f"{name}-{os.getpid()}@%h", "--without-mingle", "--without-gossip")
     with log_path.open("a") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-             "-Q", settings.QUEUE, "-n", f"{name}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            argv, env={**os.environ, **settings.as_env()}, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,
         )  # fmt: skip
     if wait_ready:
         deadline = time.monotonic() + 120

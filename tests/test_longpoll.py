@@ -8,7 +8,7 @@ import time
 
 from bench.longpoll import measure, web_stack
 from shared.redis_server import free_port, start_redis
-from web import create_app
+from web import create_app, services
 
 POLLS = 300
 
@@ -41,7 +41,7 @@ def test_waiters_survive_a_redis_restart(tmp_path):
     redis_proc = start_redis(port, tmp_path, persistent=True)  # AOF: the job outlives the restart
     try:
         app = create_app({"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
-        store, waiter = app.extensions["arabic_words"]["store"], app.extensions["arabic_words"]["waiter"]
+        store, waiter = services(app).store, services(app).waiter
         assert not waiter.subscribed  # built lazily: nothing listens before the first wait
         job = store.create(b"never sent to a worker")
         answers: list[tuple[str, float]] = []

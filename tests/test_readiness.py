@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
+from arabic_words.processes import command
 from shared import keys
 from shared.config import Settings
 from shared.redis_server import free_port, start_redis
@@ -29,7 +28,7 @@ def lone_redis(tmp_path) -> str:
 def _readyz(redis_url: str) -> tuple[int, dict]:
     from web import create_app
 
-    client = create_app(Settings.from_env(REDIS_URL=redis_url, QUEUE="readiness-test")).test_client()
+    client = create_app(Settings(REDIS_URL=redis_url, QUEUE="readiness-test")).test_client()
     response = client.get("/readyz")
     return response.status_code, response.get_json()
 
@@ -43,14 +42,13 @@ def test_a_stale_heartbeat_is_not_a_loaded_model(lone_redis):
 
 def test_worker_whose_processes_cannot_load_the_model_is_not_ready(lone_redis, tmp_path):
     """A bad ASR_MODEL: Celery's parent answers pings while its children fail to start; /readyz must say so."""
-    env = dict(os.environ, REDIS_URL=lone_redis, ASR_MODEL=str(tmp_path / "no-such-model"), QUEUE="readiness-test",
-               WORKER_CONCURRENCY="1", ASR_CACHE_DIR=str(tmp_path / "cache"))  # fmt: skip
+    settings = Settings(REDIS_URL=lone_redis, ASR_MODEL=str(tmp_path / "no-such-model"), QUEUE="readiness-test",
+                        WORKER_CONCURRENCY=1, ASR_CACHE_DIR=str(tmp_path / "cache"))  # fmt: skip
     log_path = tmp_path / "worker.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "readiness-test",
-             "-n", f"readiness-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
+            command("worker", "-n", f"readiness-{os.getpid()}@%h", "--without-mingle", "--without-gossip"),
+            env={**os.environ, **settings.as_env()}, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 60

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import redis
-from flask import Flask
+from celery import Celery
+from flask import Flask, current_app
 
 from shared.config import Settings
 from shared.jobs import JobStore
@@ -16,24 +18,37 @@ from web.waiting import JobWaiter
 _MULTIPART_OVERHEAD = 64 * 1024
 
 
+@dataclass(frozen=True)
+class Services:
+    """What the views use, built once per app."""
+
+    settings: Settings
+    store: JobStore
+    waiter: JobWaiter  # ?wait= long-polls: one pub/sub listener per process, started on first use
+    celery: Celery  # sends tasks only
+
+
+def services(app: Flask | None = None) -> Services:
+    """The services of ``app`` (default: the app handling the current request)."""
+    return (app or current_app).extensions["arabic_words"]
+
+
 def create_app(config: Settings | dict | None = None) -> Flask:
-    """App factory. ``config``: a Settings, a dict of Settings field overrides, or None (environment)."""
-    settings = config if isinstance(config, Settings) else Settings.from_env(**(config or {}))
+    """App factory. ``config``: a Settings, a dict of Settings overrides, or None (the environment)."""
+    settings = config if isinstance(config, Settings) else Settings(**(config or {}))
     if not settings.REDIS_URL:
         raise RuntimeError("REDIS_URL is not set (`arabic-words run` starts an embedded Redis and sets it)")
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES + _MULTIPART_OVERHEAD
-    app.config["JSON_AS_ASCII"] = False
     app.json.ensure_ascii = False  # Arabic text stays readable in responses
-    client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
-    store = JobStore(client, settings)
-    app.extensions["arabic_words"] = {
-        "settings": settings,
-        "store": store,
-        "waiter": JobWaiter(store),  # ?wait= long-polls: one pub/sub listener per process, started on first use
-        "celery": make_celery(settings, main="arabic_words_web"),
-    }
+    store = JobStore(redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30), settings)
+    app.extensions["arabic_words"] = Services(
+        settings=settings,
+        store=store,
+        waiter=JobWaiter(store),
+        celery=make_celery(settings, main="arabic_words_web"),
+    )
     logging.getLogger(__name__).setLevel(settings.LOG_LEVEL)
 
     from web.api import bp as api_bp

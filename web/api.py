@@ -7,13 +7,15 @@ import logging
 import time
 
 import redis
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, jsonify, request, url_for
 
 from shared import keys
 from shared.audio_format import UNRECOGNIZED_FORMAT_MESSAGE, sniff_container
+from shared.config import Settings
 from shared.jobs import JobStore
 from shared.queue import enqueue
 from shared.schema import ErrorCode
+from web import services
 from web.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -21,10 +23,6 @@ bp = Blueprint("api", __name__)
 
 MAX_EXPECTED_CHARS = 500
 _RAW_TYPES = ("audio/", "video/webm", "video/ogg", "video/mp4", "application/octet-stream", "application/ogg")
-
-
-def _ext() -> dict:
-    return current_app.extensions["arabic_words"]
 
 
 def _read_upload(limit: int) -> bytes:
@@ -63,7 +61,7 @@ def _read_expected() -> str | None:
     return expected.strip()
 
 
-def _admit(store: JobStore, settings) -> None:
+def _admit(store: JobStore, settings: Settings) -> None:
     """Refuse new work at the door while the queue or Redis memory is past its limit: 429 with Retry-After, so
     overload is never met by evicting what was accepted."""
     depth, memory = store.load(settings.QUEUE)
@@ -76,16 +74,16 @@ def _admit(store: JobStore, settings) -> None:
 
 @bp.post("/v1/transcriptions")
 def create_transcription():
-    settings = _ext()["settings"]
+    app = services()
+    settings, store = app.settings, app.store
     data = _read_upload(settings.MAX_UPLOAD_BYTES)
     expected = _read_expected()
-    store: JobStore = _ext()["store"]
     _admit(store, settings)
     job = store.create(data, expected=expected)
     if settings.FAULT_PAUSE_BEFORE_PUBLISH_S > 0:  # fault injection (chaos suite): off by default
         time.sleep(settings.FAULT_PAUSE_BEFORE_PUBLISH_S)
     try:
-        enqueue(_ext()["celery"], job.id, job.queue)
+        enqueue(app.celery, job.id, job.queue)
     except Exception as exc:  # kombu's publish retries are spent: the job was not accepted, so say so
         log.error("publish failed job_id=%s: %s", job.id, exc)
         with contextlib.suppress(redis.RedisError):  # else it expires unseen: nobody was given its id
@@ -104,7 +102,8 @@ def create_transcription():
 
 @bp.get("/v1/transcriptions/<job_id>")
 def get_transcription(job_id: str):
-    settings = _ext()["settings"]
+    app = services()
+    settings = app.settings
     wait_arg = request.args.get("wait")
     wait_s = 0.0
     if wait_arg is not None:
@@ -116,8 +115,7 @@ def get_transcription(job_id: str):
             raise ApiError(
                 400, ErrorCode.INVALID_WAIT, f"'wait' must be a number of seconds from 0 to {settings.MAX_WAIT_S:g}"
             )
-    store: JobStore = _ext()["store"]
-    job = _ext()["waiter"].wait(job_id, wait_s) if wait_s > 0 else store.get(job_id)
+    job = app.waiter.wait(job_id, wait_s) if wait_s > 0 else app.store.get(job_id)
     if job is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no transcription job {job_id!r} (unknown or expired)")
     return jsonify(job.public())
@@ -134,10 +132,11 @@ def readyz():
     heartbeat): the ping alone is answered by the prefork parent even while every child fails to load the model."""
     checks = {"redis": False, "workers": 0, "model_processes": 0}
     try:
-        redis_client = _ext()["store"].redis
+        app = services()
+        redis_client = app.store.redis
         checks["redis"] = bool(redis_client.ping())
         if checks["redis"]:
-            replies = _ext()["celery"].control.ping(timeout=1.0)
+            replies = app.celery.control.ping(timeout=1.0)
             checks["workers"] = len(replies or [])
             fresh_since = time.time() - keys.MODEL_HEARTBEAT_STALE_S
             checks["model_processes"] = int(redis_client.zcount(keys.model_processes(), fresh_since, "+inf"))

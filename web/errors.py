@@ -9,6 +9,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from shared.schema import ErrorCode
+from web import services
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         code = _HTTP_CODES.get(status)
         if status == 413:
-            limit = app.extensions["arabic_words"]["settings"].MAX_UPLOAD_BYTES
+            limit = services(app).settings.MAX_UPLOAD_BYTES
             return error_response(413, ErrorCode.UPLOAD_TOO_LARGE.value, f"uploads are limited to {limit} bytes")
         return error_response(status, (code.value if code else exc.name.lower().replace(" ", "_")), exc.description)
 

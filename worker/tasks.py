@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
-from celery import Task, shared_task
+from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
+from shared.config import Settings
 from shared.jobs import ClaimOutcome, JobStore
 from shared.queue import TRANSCRIBE_TASK
 from shared.schema import ErrorCode, JobError
@@ -34,23 +35,28 @@ _INTERNAL = JobError(ErrorCode.INTERNAL.value, "internal error while transcribin
 
 
 class TranscriptionTask(Task):
-    acks_late = True
-    reject_on_worker_lost = True  # a killed pool child's message goes back to the queue (JobStore.claim decides)
+    """The task's class; ``register`` gives it the worker's ``settings``. Delivery options (late acks, a killed pool
+    child's message going back to the queue) are the app's, in ``shared.queue.make_celery``."""
+
+    settings: Settings
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         # Celery calls this in the prefork parent when a hard time limit killed the child: the job that child held
         # is failed here, or it would stay `processing` until its lease ran out.
         if isinstance(exc, TimeLimitExceeded) and args:
-            from worker.celery_app import settings
-
-            client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+            client = redis.Redis.from_url(self.settings.REDIS_URL, socket_timeout=5)
             try:
-                JobStore(client, settings).fail(args[0], _TIMEOUT)
+                JobStore(client, self.settings).fail(args[0], _TIMEOUT)
                 log.warning("job failed: hard time limit job_id=%s", args[0])
             except redis.RedisError:  # the lease runs out and the reaper takes it back
                 log.exception("could not fail a timed-out job job_id=%s", args[0])
             finally:
                 client.close()
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """Add the transcription task to the worker's app."""
+    app.task(name=TRANSCRIBE_TASK, base=TranscriptionTask, settings=settings)(transcribe)
 
 
 def _with_redis(worker: WorkerState, what: str, call: Callable[[], T]) -> T:
@@ -70,7 +76,6 @@ def _with_redis(worker: WorkerState, what: str, call: Callable[[], T]) -> T:
             delay = min(delay * 2, 5.0)
 
 
-@shared_task(name=TRANSCRIBE_TASK, base=TranscriptionTask)
 def transcribe(job_id: str) -> None:
     worker = state()
     if worker is None:  # cannot happen in a process whose model load succeeded; the message waits for one that did
