@@ -18,11 +18,6 @@ def job_done_channel(job_id: str) -> str:
     return f"{PREFIX}:done:{job_id}"
 
 
-def model_loads() -> str:
-    """Hash: "<hostname>:<pid>" -> number of model loads in that worker process (should stay 1)."""
-    return f"{PREFIX}:model_loads"
-
-
 def model_processes() -> str:
     """Sorted set: "<hostname>:<pid>" of each worker process with its model loaded and warm -> the unix time of its
     last heartbeat (every ``MODEL_HEARTBEAT_S``). ``/readyz`` counts the fresh ones."""

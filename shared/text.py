@@ -47,24 +47,12 @@ _NOT_WORD = re.compile(r"[^\w\s]|_")
 _SPACES = re.compile(r"\s+")
 
 
-def normalize_arabic(
-    text: str,
-    *,
-    alef_maqsura_to_ya: bool = False,
-    ta_marbuta_to_ha: bool = False,
-    fold_hamza_seats: bool = False,
-) -> str:
+def normalize_arabic(text: str) -> str:
     """Return ``text`` with tashkeel, tatweel and punctuation removed, alef forms, Persian variants and
-    digits unified, and whitespace collapsed. The keyword options fold further spellings (off by default)."""
+    digits unified, and whitespace collapsed (``normalize_loose`` folds further spellings, for comparisons)."""
     text = unicodedata.normalize("NFKC", text)  # presentation forms and ligatures (ﻻ) -> base letters
     text = _TASHKEEL.sub("", text).replace(_TATWEEL, "")
     text = text.translate(_CHAR_MAP)
-    if alef_maqsura_to_ya:
-        text = text.replace("ى", "ي")
-    if ta_marbuta_to_ha:
-        text = text.replace("ة", "ه")
-    if fold_hamza_seats:
-        text = text.replace("ؤ", "و").replace("ئ", "ي")
     text = _NOT_WORD.sub(" ", text)
     return _SPACES.sub(" ", text).strip()
 

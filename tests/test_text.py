@@ -20,10 +20,9 @@ def test_normalize_arabic(raw, normalized):
     assert normalize_arabic(raw) == normalized
 
 
-def test_optional_folds():
-    assert normalize_arabic("مدرسة على", ta_marbuta_to_ha=True, alef_maqsura_to_ya=True) == "مدرسه علي"
-    assert normalize_arabic("مسؤول شاطئ", fold_hamza_seats=True) == "مسوول شاطي"
+def test_loose_folds():
     assert normalize_loose("مَدْرَسَةٌ عَلَى") == "مدرسه علي"
+    assert normalize_loose("مسؤول شاطئ") == "مسوول شاطي"
 
 
 def test_is_model_text():

@@ -38,8 +38,8 @@ _state: WorkerState | None = None  # owned by init_process(); one per worker pro
 
 
 def init_process(settings: Settings, send: Callable[[str, str], None], process_index: int = 0) -> WorkerState:
-    """Load the model, pin the device, warm up, record the load in Redis (tests assert one per process), then start
-    the heartbeat that also sweeps for lost jobs (``send(job_id, queue)`` sends a task again)."""
+    """Load the model, pin the device, warm up, then start the heartbeat that also sweeps for lost jobs
+    (``send(job_id, queue)`` sends a task again). The heartbeat is how Redis knows this process has a model."""
     global _state
     started = time.perf_counter()
     device = select_device(process_index)
@@ -60,7 +60,6 @@ def init_process(settings: Settings, send: Callable[[str, str], None], process_i
     warm_ms = warm_up(model, batch_sizes=batch_sizes)  # the shapes it will serve (GPU kernels, allocator)
     client = redis.Redis.from_url(settings.REDIS_URL)
     name = process_name()
-    client.hincrby(keys.model_loads(), name, 1)
     store = JobStore(client, settings)
     _state = WorkerState(settings=settings, model=model, store=store, name=name, batcher=batcher, fault=fault)
     store.heartbeat(name)  # ready at once, not a beat later
