@@ -156,9 +156,14 @@ class Settings(BaseSettings):
         return max(300, self.TASK_TIME_LIMIT_S * 2)
 
 
+# never echoed in an error message (logs are read by more people than the secrets are meant for)
+_SECRETS = {"FLOWER_BASIC_AUTH"}
+
+
 def _one_line(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         name = ".".join(str(part) for part in error["loc"]) or "settings"
-        problems.append(f"{name}={error.get('input')!r}: {error['msg']}")
+        value = "<hidden>" if name in _SECRETS else repr(error.get("input"))
+        problems.append(f"{name}={value}: {error['msg']}")
     return "invalid configuration: " + "; ".join(problems)
