@@ -1,11 +1,11 @@
 """Long-polls without a thread or a Redis connection each: one pub/sub listener per web process wakes them all.
 
-``JobStore.wait`` opens a pub/sub connection per waiter and blocks a thread for the whole wait; with 2 x 16 gthread
-threads, 32 long-polls were enough to starve /healthz and uploads. Here every waiter of a process shares a single
-``PSUBSCRIBE aw:done:*`` connection, read by one background thread that sets the ``threading.Event`` of each waiter
-registered for the job whose channel fired. Under gunicorn's gevent worker (which monkey-patches threading) the
-thread is a greenlet and the events are cooperative, so a waiting request costs a greenlet and its socket; under plain
-threads (Flask's test client, a threaded server) the same code blocks a thread per waiter, as before.
+A pub/sub connection and a blocked thread per waiting request would let a few dozen long-polls starve /healthz and
+uploads. Here every waiter of a process shares a single ``PSUBSCRIBE aw:done:*`` connection, read by one background
+thread that sets the ``threading.Event`` of each waiter registered for the job whose channel fired. Under gunicorn's
+gevent worker (which monkey-patches threading) the thread is a greenlet and the events are cooperative, so a waiting
+request costs a greenlet and its socket; under plain threads (Flask's test client, a threaded server) the same code
+blocks a thread per waiter.
 """
 
 from __future__ import annotations
