@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from transformers import (
     Wav2Vec2Processor,
 )
 
+from arabic_words.processes import command
+from shared import keys
 from shared.config import BUNDLED_MODEL_DIR, Settings
 from shared.queue import make_celery
 from shared.redis_server import free_port, start_redis
@@ -89,23 +92,55 @@ def settings(redis_url: str, asr_cache_dir: Path) -> Settings:
     )
 
 
+MODEL_READY = re.compile(r"\bmodel ready model=.* pid=(\d+)$", re.MULTILINE)  # worker/lifecycle.py, once a load ends
+
+
+def model_ready_pids(log_path: Path) -> list[int]:
+    """The pid of every "model ready" line in a worker's log, in order: one line per model load."""
+    return [int(pid) for pid in MODEL_READY.findall(log_path.read_text(errors="replace"))]
+
+
+def parent_pid(pid: int) -> int | None:
+    """``pid``'s parent (from /proc), or None once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def heartbeat_pids(settings: Settings) -> set[int]:
+    """The pids on this host with a fresh model heartbeat in ``settings.REDIS_URL``: processes with a model loaded."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        fresh = client.zrangebyscore(keys.model_processes(), time.time() - keys.MODEL_HEARTBEAT_STALE_S, "+inf")
+    finally:
+        client.close()
+    pids = set()
+    for member in fresh:  # "<hostname>:<pid>"
+        host, _, pid = member.decode().rpartition(":")
+        if host == socket.gethostname():
+            pids.add(int(pid))
+    return pids
+
+
 def start_worker(settings: Settings, log_path: Path, expected_loads: int) -> subprocess.Popen:
-    """A real `celery worker` process for ``settings.QUEUE``; returns once ``expected_loads`` processes in Redis
-    have loaded the model (prefork children in worker_process_init, or the main process for a threads pool)."""
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in settings.as_dict().items()})
+    """A real `celery worker` process for ``settings.QUEUE``; returns once ``expected_loads`` of its processes (prefork
+    children in worker_process_init, or the main process for a threads pool) have a fresh heartbeat and have logged
+    "model ready" (the heartbeat starts just before that line is written)."""
     log_file = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-         "-Q", settings.QUEUE, "-n", f"{settings.QUEUE}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
-        env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
+        command("worker", "-n", f"{settings.QUEUE}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"),
+        env={**os.environ, **settings.as_env()}, stdout=log_file, stderr=subprocess.STDOUT,
+        cwd=Path(__file__).parent.parent,
     )  # fmt: skip
     log_file.close()
-    client = redis.Redis.from_url(settings.REDIS_URL)
-    from shared import keys
+
+    def loaded() -> bool:
+        ours = {pid for pid in heartbeat_pids(settings) if proc.pid in (pid, parent_pid(pid))}
+        return len(ours) >= expected_loads and ours <= set(model_ready_pids(log_path))
 
     deadline = time.monotonic() + 240
-    while client.hlen(keys.model_loads()) < expected_loads:
+    while not loaded():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"worker processes did not load the model:\n{log_path.read_text()[-4000:]}")
@@ -127,9 +162,15 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def worker(settings: Settings, tmp_path_factory) -> subprocess.Popen:
+def worker_log(tmp_path_factory) -> Path:
+    """The session worker's stdout and stderr (its processes' "model ready" lines among them)."""
+    return tmp_path_factory.mktemp("worker") / "worker.log"
+
+
+@pytest.fixture(scope="session")
+def worker(settings: Settings, worker_log: Path) -> subprocess.Popen:
     """A real Celery worker process with its own prefork children, each loading the model once."""
-    proc = start_worker(settings, tmp_path_factory.mktemp("worker") / "worker.log", WORKER_PROCESSES)
+    proc = start_worker(settings, worker_log, WORKER_PROCESSES)
     yield proc
     stop_worker(proc)
 

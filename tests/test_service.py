@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,7 +16,17 @@ from shared import keys
 from shared.jobs import JobStore
 from shared.queue import TRANSCRIBE_TASK
 from shared.text import compare_expected, is_model_text
-from tests.conftest import DATA, WORKER_MAX_AUDIO_S, WORKER_PROCESSES, read_transcripts, wait_for
+from tests.conftest import (
+    DATA,
+    WORKER_MAX_AUDIO_S,
+    WORKER_PROCESSES,
+    heartbeat_pids,
+    model_ready_pids,
+    parent_pid,
+    read_transcripts,
+    wait_for,
+)
+from web import services
 
 pytestmark = pytest.mark.usefixtures("worker")
 TRANSCRIPTS = read_transcripts()
@@ -79,7 +90,7 @@ def test_long_poll_returns_when_the_job_ends(client):
 
 
 def test_long_poll_times_out_on_a_job_nobody_runs(app, client):
-    job = app.extensions["arabic_words"]["store"].create(b"never sent to a worker")
+    job = services(app).store.create(b"never sent to a worker")
     started = time.monotonic()
     body = client.get(f"/v1/transcriptions/{job.id}?wait=1.5").get_json()
     assert body["status"] == "queued"
@@ -155,7 +166,7 @@ def test_expected_too_long_is_400(client):
 
 @pytest.mark.parametrize("multipart", [True, False])
 def test_oversize_upload_is_413(app, client, multipart):
-    limit = app.extensions["arabic_words"]["settings"].MAX_UPLOAD_BYTES
+    limit = services(app).settings.MAX_UPLOAD_BYTES
     blob = b"\0" * (limit + 1)
     if multipart:
         response = client.post("/v1/transcriptions", data={"file": (io.BytesIO(blob), "big.wav")},
@@ -213,32 +224,34 @@ def test_upload_is_deleted_once_the_job_is_final(client, settings):
 
 
 def test_expired_upload_fails_with_its_own_code(app, client, settings):
-    store: JobStore = app.extensions["arabic_words"]["store"]
+    store: JobStore = services(app).store
     job = store.create((DATA / "kitab.mp3").read_bytes())
     store.redis.delete(keys.upload(job.id))
-    app.extensions["arabic_words"]["celery"].send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
+    services(app).celery.send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
     done = wait_for(client, job.id)
     assert done["status"] == "failed"
     assert done["error"]["code"] == "upload_expired"
 
 
 def test_a_job_redelivered_too_often_is_failed_not_retried(app, client, settings):
-    store: JobStore = app.extensions["arabic_words"]["store"]
+    store: JobStore = services(app).store
     job = store.create((DATA / "kitab.mp3").read_bytes())
     store.redis.hset(keys.job(job.id), "attempts", settings.MAX_ATTEMPTS)  # as if it had killed its worker before
-    app.extensions["arabic_words"]["celery"].send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
+    services(app).celery.send_task(TRANSCRIBE_TASK, args=[job.id], queue=settings.QUEUE)
     done = wait_for(client, job.id)
     assert done["status"] == "failed"
     assert done["error"]["code"] == "worker_crashed"
     assert not store.redis.exists(keys.upload(job.id))
 
 
-def test_model_is_loaded_once_per_worker_process(client, settings):
+def test_model_is_loaded_once_per_worker_process(client, settings, worker, worker_log):
     ids = [post_file(client, DATA / name).get_json()["id"] for name in sorted(TRANSCRIPTS)[:8]]
     assert all(wait_for(client, i)["status"] == "succeeded" for i in ids)
-    loads = redis.Redis.from_url(settings.REDIS_URL).hgetall(keys.model_loads())
-    assert len(loads) == WORKER_PROCESSES
-    assert all(int(v) == 1 for v in loads.values()), loads
+    beating = heartbeat_pids(settings)  # this database's only worker is the session's
+    assert len(beating) == WORKER_PROCESSES, beating
+    assert worker.pid not in beating and {parent_pid(pid) for pid in beating} == {worker.pid}  # its prefork children
+    loads = Counter(model_ready_pids(worker_log))  # one "model ready" line per load, since the worker started
+    assert loads == Counter(dict.fromkeys(beating, 1)), loads  # one load each, and no load in any other process
 
 
 def test_health_and_readiness(client):
