@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,bench
 
-.PHONY: install run test chaos lint bench fixtures clean
+.PHONY: install run test unit chaos lint bench fixtures clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# The fast layer: everything but the tests that start real Celery workers or cause faults (`make test` runs all).
+unit: install
+	$(PY) -m pytest -m "not integration and not chaos"
 
 # Every chaos scenario at full size (SIGKILL x 20, whole-worker kills x 5, ...); `make test` runs each once.
 chaos: install

@@ -77,19 +77,25 @@ def redis_url(tmp_path_factory) -> str:
     proc.wait(timeout=10)
 
 
+def make_settings(redis_url: str, asr_cache_dir: Path, **overrides: object) -> Settings:
+    """The tests' settings on ``redis_url``; ``overrides`` change any of them."""
+    values = {
+        "REDIS_URL": redis_url,
+        "ASR_MODEL": str(BUNDLED_MODEL_DIR),
+        "ASR_BACKEND": "auto",  # the default: measured once into the session's cache, then reused
+        "ASR_CACHE_DIR": str(asr_cache_dir),
+        "MAX_AUDIO_S": WORKER_MAX_AUDIO_S,
+        "MAX_UPLOAD_BYTES": 2_000_000,
+        "QUEUE": "test-transcribe",
+        "TORCH_THREADS": 1,
+        "WORKER_CONCURRENCY": WORKER_PROCESSES,
+    }
+    return Settings.from_env(**{**values, **overrides})
+
+
 @pytest.fixture(scope="session")
 def settings(redis_url: str, asr_cache_dir: Path) -> Settings:
-    return Settings.from_env(
-        REDIS_URL=redis_url,
-        ASR_MODEL=str(BUNDLED_MODEL_DIR),
-        ASR_BACKEND="auto",  # the default: measured once into the session's cache, then reused
-        ASR_CACHE_DIR=str(asr_cache_dir),
-        MAX_AUDIO_S=WORKER_MAX_AUDIO_S,
-        MAX_UPLOAD_BYTES=2_000_000,
-        QUEUE="test-transcribe",
-        TORCH_THREADS=1,
-        WORKER_CONCURRENCY=WORKER_PROCESSES,
-    )
+    return make_settings(redis_url, asr_cache_dir)
 
 
 MODEL_READY = re.compile(r"\bmodel ready model=.* pid=(\d+)$", re.MULTILINE)  # worker/lifecycle.py, once a load ends
@@ -185,6 +191,13 @@ def app(settings: Settings):
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+def post_file(client, path: Path, **form):
+    """POST ``path`` as the multipart field ``file``, with ``form``'s other fields (e.g. expected=...)."""
+    with open(path, "rb") as f:
+        return client.post("/v1/transcriptions", data={"file": (f, path.name), **form},
+                           content_type="multipart/form-data")  # fmt: skip
 
 
 def wait_for(client, job_id: str, timeout_s: float = 60) -> dict:
