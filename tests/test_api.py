@@ -46,6 +46,18 @@ def client(app):
     return app.test_client()
 
 
+def test_an_accepted_upload_is_stored_with_a_ttl_and_queued(client, settings):
+    response = post_file(client, DATA / "shukran.flac")
+    assert response.status_code == 202
+    job_id = response.get_json()["id"]
+    r = redis.Redis.from_url(settings.REDIS_URL)
+    assert r.get(keys.upload(job_id)) == (DATA / "shukran.flac").read_bytes()
+    assert 0 < r.ttl(keys.upload(job_id)) <= settings.UPLOAD_TTL_S  # no worker here: nothing can have deleted it
+    assert 0 < r.ttl(keys.job(job_id)) <= settings.RESULT_TTL_S
+    assert r.llen(settings.QUEUE) == 1  # its task, waiting in Celery's list for the queue
+    assert client.get(f"/v1/transcriptions/{job_id}").get_json()["status"] == "queued"
+
+
 def test_long_poll_times_out_on_a_job_nobody_runs(app, client):
     job = services(app).store.create(b"never sent to a worker")
     started = time.monotonic()
