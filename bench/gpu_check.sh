@@ -10,8 +10,9 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 - <<'PY' 2>&1 | grep -v Warning || exit 4
 import time, torch
 from shared.config import BUNDLED_MODEL_DIR
-from worker.asr import infer, infer_batch, load_model, select_device, transcribe_audio
+from worker.asr import infer, infer_batch, load_model, select_device
 from worker.audio import decode
+from worker.pipeline import postprocess
 names = ("marhaba", "shukran", "kitab", "madrasa", "sabah_alkhayr")
 import pathlib
 clips = [decode((pathlib.Path("tests/data") / f"{w}.webm").read_bytes()) for w in names if (pathlib.Path("tests/data") / f"{w}.webm").exists()]
@@ -22,7 +23,7 @@ assert gpu.device.type == "cuda" and gpu.backend.value == "torch-fp16", gpu.back
 for clip, batched in zip(clips, infer_batch(gpu, clips), strict=True):
     ref, single = infer(cpu, clip), infer(gpu, clip)
     a, b = (ref.argmax(1) == single.argmax(1)).mean(), (single.argmax(1) == batched.argmax(1)).mean()
-    print("argmax agreement cpu-fp32 vs gpu-fp16 %.3f, single vs batched %.3f" % (a, b), transcribe_audio(cpu, clip).text, "|", transcribe_audio(gpu, clip).text)
+    print("argmax agreement cpu-fp32 vs gpu-fp16 %.3f, single vs batched %.3f" % (a, b), postprocess(cpu, clip, ref).text, "|", postprocess(gpu, clip, single).text)
     assert a >= 0.99 and b >= 0.99
 print("GPU CHECK PASSED")
 PY

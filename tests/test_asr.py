@@ -7,17 +7,20 @@ import pytest
 import torch
 
 from shared.text import ARABIC_LETTERS
-from worker.asr import load_model, postprocess, select_device, transcribe_audio, word_posterior
+from worker import pipeline
+from worker.asr import infer, load_model, select_device
+from worker.decoding import Vocabulary, postprocess, word_posterior
 
 VOCAB = ["<pad>", "<unk>", "|", "ك", "ت", "ا", "ب"]
+VOCABULARY = Vocabulary.from_tokens(VOCAB, blank_id=0)
 
 
 def test_wav2vec2_checkpoint_loads_and_runs(tiny_wav2vec2):
     model = load_model(str(tiny_wav2vec2), device=torch.device("cpu"))
     assert model.samples_per_frame == 320  # 20 ms frames at 16 kHz
-    assert model.blank_id == 0
+    assert model.vocabulary.blank_id == 0
     audio = (np.random.default_rng(0).standard_normal(32_000) * 0.1).astype(np.float32)
-    transcript = transcribe_audio(model, audio)
+    transcript = pipeline.postprocess(model, audio, infer(model, audio))
     assert 0.0 <= transcript.confidence <= 1.0
     for word in transcript.words:
         assert 0 <= word.start < word.end <= 2.05
@@ -29,7 +32,7 @@ def test_bundled_model_loads_with_auto_classes():
     model = load_model(str(BUNDLED_MODEL_DIR))
     assert model.model_type == "wav2vec2-bert"
     assert type(model.runner.model).__name__ == "Wav2Vec2BertForCTC"
-    assert set(ARABIC_LETTERS) <= set(model.id_to_token)
+    assert set(ARABIC_LETTERS) <= set(model.vocabulary.id_to_token)
 
 
 def test_load_model_keeps_numpys_blas_to_one_thread(tiny_wav2vec2):
@@ -71,7 +74,7 @@ def test_postprocess_collapses_repeats_and_splits_words():
     # frames: blank, ك ك, blank, ت, ا, blank, ب, |, blank, ب, ا   (20 ms each)
     frames = [0, 3, 3, 0, 4, 5, 0, 6, 2, 0, 6, 5]
     log_probs = _log_probs(frames, len(VOCAB))
-    out = postprocess(log_probs, VOCAB, blank_id=0, frame_s=0.02)
+    out = postprocess(log_probs, VOCABULARY, frame_s=0.02)
     assert out.text == "كتاب با"
     assert [w.word for w in out.words] == ["كتاب", "با"]
     assert out.words[0].start == pytest.approx(0.02) and out.words[0].end == pytest.approx(0.16)
@@ -86,7 +89,8 @@ def test_postprocess_splits_words_when_the_tokenizer_calls_the_delimiter_special
     # transformers 5 lists "|" in all_special_ids; it must still separate words, not vanish (it did: every
     # phrase came out as one long word)
     frames = [3, 0, 4, 2, 6, 5]
-    out = postprocess(_log_probs(frames, len(VOCAB)), VOCAB, blank_id=0, frame_s=0.02, special_ids=frozenset({1, 2}))
+    vocabulary = Vocabulary.from_tokens(VOCAB, blank_id=0, special_ids=frozenset({1, 2}))
+    out = postprocess(_log_probs(frames, len(VOCAB)), vocabulary, frame_s=0.02)
     assert out.text == "كت با"
 
 
@@ -94,19 +98,20 @@ def test_load_model_keeps_the_word_delimiter_out_of_the_skipped_specials():
     from shared.config import BUNDLED_MODEL_DIR
 
     model = load_model(str(BUNDLED_MODEL_DIR))
-    assert model.id_to_token.index(model.delimiter) not in model.special_ids
-    assert model.blank_id not in model.special_ids
+    vocabulary = model.vocabulary
+    assert vocabulary.delimiter_id is not None and vocabulary.delimiter_id not in vocabulary.skip_ids
+    assert vocabulary.blank_id not in vocabulary.skip_ids
 
 
 def test_postprocess_ignores_logit_columns_past_the_vocabulary():
     # some checkpoints' heads have more outputs than their tokenizer has tokens
     log_probs = _log_probs([3, 0, len(VOCAB) + 1, 0, 4], len(VOCAB) + 2)
-    out = postprocess(log_probs, VOCAB, blank_id=0, frame_s=0.02)
+    out = postprocess(log_probs, VOCABULARY, frame_s=0.02)
     assert out.text == "كت" and 0.0 <= out.confidence <= 1.0
 
 
 def test_postprocess_double_letters_need_a_blank_between():
-    out = postprocess(_log_probs([6, 6, 0, 6], len(VOCAB)), VOCAB, blank_id=0, frame_s=0.02)
+    out = postprocess(_log_probs([6, 6, 0, 6], len(VOCAB)), VOCABULARY, frame_s=0.02)
     assert out.text == "بب"
 
 
@@ -130,18 +135,18 @@ def test_word_posterior_counts_the_delimiter_as_silence():
 
 
 def test_postprocess_confident_letters_give_a_confident_word():
-    sure = postprocess(_log_probs([3, 0, 4], len(VOCAB), peak=0.99), VOCAB, blank_id=0, frame_s=0.02)
-    unsure = postprocess(_log_probs([3, 0, 4], len(VOCAB), peak=0.5), VOCAB, blank_id=0, frame_s=0.02)
+    sure = postprocess(_log_probs([3, 0, 4], len(VOCAB), peak=0.99), VOCABULARY, frame_s=0.02)
+    unsure = postprocess(_log_probs([3, 0, 4], len(VOCAB), peak=0.5), VOCABULARY, frame_s=0.02)
     assert sure.text == unsure.text == "كت"
     assert 0.9 < sure.confidence <= 1.0
     assert 0.0 < unsure.confidence < 0.5
 
 
 def test_postprocess_all_blank_is_empty_text():
-    out = postprocess(_log_probs([0, 0, 0], len(VOCAB), peak=0.8), VOCAB, blank_id=0, frame_s=0.02)
+    out = postprocess(_log_probs([0, 0, 0], len(VOCAB), peak=0.8), VOCABULARY, frame_s=0.02)
     assert out.text == "" and out.words == []
     assert out.confidence == pytest.approx(0.8, abs=1e-3)
-    assert postprocess(np.zeros((0, len(VOCAB))), VOCAB, blank_id=0, frame_s=0.02).text == ""
+    assert postprocess(np.zeros((0, len(VOCAB))), VOCABULARY, frame_s=0.02).text == ""
 
 
 @pytest.mark.gpu
@@ -149,7 +154,7 @@ def test_postprocess_all_blank_is_empty_text():
 def test_gpu_fp16_matches_cpu_single_and_batched():
     from shared.config import BUNDLED_MODEL_DIR
     from tests.conftest import DATA
-    from worker.asr import infer, infer_batch
+    from worker.asr import infer_batch
     from worker.audio import decode
 
     clips = [decode((DATA / f"{w}.webm").read_bytes()) for w in ("marhaba", "shukran", "kitab", "madrasa")]

@@ -13,9 +13,10 @@ import torch
 from shared.config import BUNDLED_MODEL_DIR
 from tests.conftest import DATA, read_transcripts, save_tiny_wav2vec2
 from worker import backends
-from worker.asr import infer, infer_batch, load_model, transcribe_audio
+from worker.asr import infer, infer_batch, load_model
 from worker.audio import decode
 from worker.backends import EXPORT_FORMAT, Backend, int8_recipe, token_agreement
+from worker.pipeline import postprocess
 
 OPTIMIZED = [Backend.TORCH_INT8, Backend.ONNX_FP32, Backend.ONNX_INT8]
 
@@ -57,8 +58,8 @@ def test_optimized_backend_keeps_the_bundled_models_transcripts(backend, outputs
     changed = [
         name
         for name, audio in fixture_audio.items()
-        if transcribe_audio(bundled_fp32, audio, outputs[backend][name]).text
-        != transcribe_audio(bundled_fp32, audio, outputs[Backend.TORCH_FP32][name]).text
+        if postprocess(bundled_fp32, audio, outputs[backend][name]).text
+        != postprocess(bundled_fp32, audio, outputs[Backend.TORCH_FP32][name]).text
     ]
     assert changed == []
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from shared.config import BUNDLED_MODEL_DIR, Settings
-from worker.asr import load_model, postprocess
-from worker.decoding import BeamDecoder, align
+from worker.asr import load_model
+from worker.decoding import BeamDecoder, Vocabulary, align, postprocess
 from worker.lexicon import Lexicon
 
 VOCAB = ["<pad>", "<unk>", "|", "م", "ر", "ح", "ب", "ا", "ى", "ك", "ت"]
 M, R, H, B, ALEF, MAQSURA, K, T = range(3, 11)
 SPECIAL = frozenset({1})
+VOCABULARY = Vocabulary.from_tokens(VOCAB, 0, "|", SPECIAL)
 
 
 def frames(*rows: dict[int, float]) -> np.ndarray:
@@ -37,11 +38,11 @@ def spelled(*labels: int, peak: float = 0.95) -> list[dict[int, float]]:
 
 
 def decoder(lexicon: Lexicon | None = None, **options) -> BeamDecoder:
-    return BeamDecoder.for_vocabulary(VOCAB, 0, "|", SPECIAL, lexicon=lexicon, **options)
+    return BeamDecoder.for_vocabulary(VOCABULARY, lexicon=lexicon, **options)
 
 
 def decode(log_probs: np.ndarray, dec: BeamDecoder | None) -> str:
-    return postprocess(log_probs, VOCAB, 0, 0.02, special_ids=SPECIAL, decoder=dec).text
+    return postprocess(log_probs, VOCABULARY, 0.02, decoder=dec).text
 
 
 # ملحب-like ambiguity: the last letter is ى a little more often than ا; "مرحب" is a listed stem (مرحبا a word)
@@ -66,8 +67,8 @@ def test_a_clearly_spelled_word_outside_the_list_survives():
 
 
 def test_a_word_the_list_chose_over_a_likelier_spelling_is_less_sure():
-    clear = postprocess(frames(*spelled(M, R, H, B, ALEF)), VOCAB, 0, 0.02, decoder=decoder(Lexicon(["مرحب"])))
-    tipped = postprocess(AMBIGUOUS_END, VOCAB, 0, 0.02, decoder=decoder(Lexicon(["مرحب"])))
+    clear = postprocess(frames(*spelled(M, R, H, B, ALEF)), VOCABULARY, 0.02, decoder=decoder(Lexicon(["مرحب"])))
+    tipped = postprocess(AMBIGUOUS_END, VOCABULARY, 0.02, decoder=decoder(Lexicon(["مرحب"])))
     assert clear.text == tipped.text == "مرحبا"
     assert tipped.confidence < 0.5 < clear.confidence
 
@@ -80,7 +81,7 @@ def test_doubled_letters_need_a_blank_between_in_the_beam_too():
 
 def test_words_are_timed_by_the_alignment():
     lp = frames({0: 0.95}, {K: 0.95}, {K: 0.95}, {T: 0.95}, {0: 0.95}, {2: 0.95}, {0: 0.95}, {B: 0.95}, {0: 0.95})
-    out = postprocess(lp, VOCAB, 0, 0.02, decoder=decoder())
+    out = postprocess(lp, VOCABULARY, 0.02, decoder=decoder())
     assert [(w.word, w.start, w.end) for w in out.words] == [("كت", 0.02, 0.08), ("ب", 0.14, 0.16)]
 
 
@@ -111,7 +112,7 @@ def test_beam_shares_sum_to_one_best_first():
 
 def test_arabic_share_of_a_vocabulary():
     assert decoder().arabic_share() == 1.0
-    latin = BeamDecoder.for_vocabulary(["<pad>", "|", "a", "b", "c"], 0, "|", frozenset())
+    latin = BeamDecoder.for_vocabulary(Vocabulary.from_tokens(["<pad>", "|", "a", "b", "c"], 0, "|"))
     assert latin.arabic_share() == 0.0
 
 
@@ -138,7 +139,9 @@ def test_a_latin_vocabulary_gets_no_arabic_word_list(caplog):
     from worker.model import build_decoder
 
     model = load_model(str(BUNDLED_MODEL_DIR), backend="torch-fp32")
-    latin = replace(model, id_to_token=["[PAD]", "[UNK]", "|"] + list("abcdefghijklmnopqrstuvwxyz"))
+    tokens = ["[PAD]", "[UNK]", "|"] + list("abcdefghijklmnopqrstuvwxyz")
+    vocabulary = model.vocabulary
+    latin = replace(model, vocabulary=Vocabulary.from_tokens(tokens, vocabulary.blank_id, "|", vocabulary.skip_ids))
     with caplog.at_level(logging.WARNING, logger="worker.model"):
         dec = build_decoder(latin, Settings.from_env())
     assert dec is not None and dec.lexicon is None and "not Arabic" in caplog.text

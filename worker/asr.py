@@ -1,12 +1,8 @@
-"""CTC speech recognition: load a checkpoint, run it, turn frame posteriors into text, confidence and word times.
+"""CTC speech recognition, load and forward: a checkpoint in, (frames, vocab) log-posteriors out.
 
 ``load_model`` takes any CTC checkpoint ``AutoModelForCTC``/``AutoProcessor`` can load (a local directory or a
 hub id): wav2vec2 (raw waveform) and Wav2Vec2-BERT (filterbank) alike, and runs it through one of the backends in
-``worker.backends``. ``infer``/``infer_batch`` and ``postprocess`` are pure.
-
-Confidence: a word's is its CTC posterior: the probability, summed over every alignment, that the stretch of
-audio between its neighbouring words spells exactly this word (``word_posterior``); the transcript's is the
-lowest of its words'. With no words, it is the mean blank posterior (sure that nothing was said). All in [0, 1].
+``worker.backends``. ``infer``/``infer_batch`` are pure; ``worker.decoding`` turns their output into a transcript.
 """
 
 from __future__ import annotations
@@ -14,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -23,26 +21,24 @@ import torch
 from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoModelForCTC, AutoProcessor
 
-from shared.schema import WordTiming
 from worker import backends
+from worker.audio import SAMPLE_RATE
 from worker.backends import Backend, Runner
-from worker.decoding import BeamDecoder, align
+from worker.decoding import BeamDecoder, Vocabulary, word_posterior
 
 log = logging.getLogger(__name__)
-SAMPLE_RATE = 16_000
+
+FeatureExtractor = Callable[..., Mapping[str, Any]]  # a transformers feature extractor: audio -> model inputs
 
 
 @dataclass
 class LoadedModel:
     runner: Runner
-    feature_extractor: object
+    feature_extractor: FeatureExtractor
     device: torch.device
     name: str
     backend: Backend
-    id_to_token: list[str]
-    blank_id: int
-    delimiter: str
-    special_ids: frozenset[int]
+    vocabulary: Vocabulary
     samples_per_frame: float | None  # from the config where it says; else measured per clip
     mask_safe: bool  # the feature extractor gives an attention mask, so padded batches are exact
     model_type: str = ""
@@ -111,11 +107,7 @@ def load_model(
         device=device,
         name=_display_name(name_or_path),
         backend=backend,
-        id_to_token=id_to_token,
-        blank_id=int(blank_id),
-        delimiter=delimiter,
-        # transformers 5 lists the word delimiter among the special tokens; it is a label the model emits
-        special_ids=frozenset(tokenizer.all_special_ids) - {int(blank_id), vocab.get(delimiter, -1)},
+        vocabulary=Vocabulary.from_tokens(id_to_token, int(blank_id), delimiter, tokenizer.all_special_ids),
         samples_per_frame=float(ratio) if ratio else None,
         mask_safe=mask_safe,
         model_type=config.model_type,
@@ -127,8 +119,15 @@ class _RunnerBuilder:
     """Builds runners for one checkpoint, loading the torch model at most once."""
 
     def __init__(
-        self, name: str, device: torch.device, threads: int, cache_dir: Path, extractor, mask_safe: bool, blank_id: int
-    ):
+        self,
+        name: str,
+        device: torch.device,
+        threads: int,
+        cache_dir: Path,
+        extractor: FeatureExtractor,
+        mask_safe: bool,
+        blank_id: int,
+    ) -> None:
         self.name, self.device, self.threads, self.cache_dir = name, device, threads, cache_dir
         self.extractor, self.mask_safe, self.blank_id = extractor, mask_safe, blank_id
         self._torch_model: torch.nn.Module | None = None
@@ -203,7 +202,7 @@ def _noise(seconds: list[float]) -> list[np.ndarray]:
     return [(rng.standard_normal(int(s * SAMPLE_RATE)) * 0.05).astype(np.float32) for s in seconds]
 
 
-def model_inputs(extractor, audios: list[np.ndarray], mask_safe: bool) -> dict[str, np.ndarray]:
+def model_inputs(extractor: FeatureExtractor, audios: list[np.ndarray], mask_safe: bool) -> dict[str, np.ndarray]:
     """The feature extractor's padded batch as numpy arrays (with an attention mask where the model takes one)."""
     out = extractor(
         audios, sampling_rate=SAMPLE_RATE, return_tensors="np", padding=True, return_attention_mask=mask_safe
@@ -261,168 +260,3 @@ def infer_batch(loaded: LoadedModel, audios: list[np.ndarray]) -> list[np.ndarra
 def infer(loaded: LoadedModel, audio: np.ndarray) -> np.ndarray:
     """16 kHz mono float32 -> (frames, vocab) float32 log-posteriors."""
     return infer_batch(loaded, [audio])[0]
-
-
-@dataclass(frozen=True)
-class Transcript:
-    text: str
-    confidence: float
-    words: list[WordTiming]
-
-
-def word_posterior(log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None = None) -> float:
-    """P(the frames spell exactly ``labels``): the CTC forward sum over every alignment of ``labels`` to
-    ``log_probs`` (frames, vocab), with the word delimiter counted as silence (its mass joins the blank's)."""
-    if not labels:
-        return 0.0
-    frames = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))
-    if delimiter_id is not None and delimiter_id != blank_id:
-        frames = frames.clone()
-        frames[:, blank_id] = torch.logaddexp(frames[:, blank_id], frames[:, delimiter_id])
-        frames[:, delimiter_id] = -float("inf")
-    nll = torch.nn.functional.ctc_loss(
-        frames[:, None, :],
-        torch.tensor([labels]),
-        torch.tensor([frames.shape[0]]),
-        torch.tensor([len(labels)]),
-        blank=blank_id,
-        reduction="sum",
-    )
-    return float(torch.exp(-nll))  # too few frames for the labels: nll is inf, the posterior 0
-
-
-def postprocess(
-    log_probs: np.ndarray,
-    id_to_token: list[str],
-    blank_id: int,
-    frame_s: float,
-    delimiter: str = "|",
-    special_ids: frozenset[int] = frozenset(),
-    decoder: BeamDecoder | None = None,
-) -> Transcript:
-    """CTC decoding of (frames, vocab) log-posteriors into text, confidence and word timings: greedy (best path)
-    without a ``decoder``, else its beam search (see ``worker.decoding``), timed by Viterbi alignment.
-
-    A word's confidence is ``word_posterior`` over the frames from the end of the word before it to the start of
-    the word after it: all the ways the audio there could spell this word, not only the best path. On the bundled
-    model's evaluation sets it ranks right vs wrong words better than the product of the letters' mean posteriors
-    did (AUROC 0.74 -> 0.82 held-out, 0.63 -> 0.77 training voices). With a beam it is multiplied by the share of
-    the beam's probability whose hypotheses have this word in this place: a word the word list chose over a
-    likelier spelling is less sure (held-out AUROC 0.78 -> 0.82 with the bundled list). The transcript's is its
-    weakest word's."""
-    if log_probs.shape[0] == 0:
-        return Transcript("", 0.0, [])
-    delimiter_id = id_to_token.index(delimiter) if delimiter in id_to_token else None
-    agreement: list[float] | None = None
-    if decoder is None:
-        spans = _greedy_words(log_probs, id_to_token, blank_id, delimiter, special_ids)
-    else:
-        beam = decoder.search(log_probs)
-        spans = _aligned_words(log_probs, beam[0][0], blank_id, delimiter_id)
-        agreement = _beam_agreement([labels for _, _, labels in spans], beam, delimiter_id)
-
-    words = []
-    for k, (start, end, word_labels) in enumerate(spans):
-        context_start = spans[k - 1][1] if k > 0 else 0
-        context_end = spans[k + 1][0] if k + 1 < len(spans) else log_probs.shape[0]
-        posterior = word_posterior(log_probs[context_start:context_end], word_labels, blank_id, delimiter_id)
-        if agreement is not None:
-            posterior *= agreement[k]
-        words.append(
-            WordTiming(
-                word="".join(id_to_token[label] for label in word_labels),
-                start=round(start * frame_s, 3),
-                end=round(end * frame_s, 3),
-                confidence=round(posterior, 4),
-            )
-        )
-    confidence = min(w.confidence for w in words) if words else float(np.exp(log_probs[:, blank_id]).mean())
-    return Transcript(" ".join(w.word for w in words), round(float(confidence), 4), words)
-
-
-def _greedy_words(
-    log_probs: np.ndarray, id_to_token: list[str], blank_id: int, delimiter: str, special_ids: frozenset[int]
-) -> list[tuple[int, int, list[int]]]:
-    """Best-path decoding: each word's first frame, end frame and labels."""
-    best = log_probs.argmax(axis=1)
-    # runs of identical argmax labels: [start, end) frame ranges
-    change = np.flatnonzero(np.diff(best)) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change, [len(best)]])
-
-    spans: list[tuple[int, int, list[int]]] = []
-    labels: list[int] = []
-    word_start = word_end = 0
-
-    def close_word() -> None:
-        if labels:
-            spans.append((word_start, word_end, labels.copy()))
-        labels.clear()
-
-    for s, e in zip(starts, ends, strict=True):
-        label = int(best[s])
-        token = id_to_token[label] if label < len(id_to_token) else ""
-        if label != blank_id and (token == delimiter or token.isspace()):
-            close_word()
-            continue
-        if label == blank_id or label in special_ids or not token:  # not token: a logit column past the vocabulary
-            continue
-        if not labels:
-            word_start = s
-        labels.append(label)
-        word_end = e
-    close_word()
-    return spans
-
-
-def _word_positions(labels: list[int], delimiter_id: int | None) -> list[list[int]]:
-    """Indices into ``labels`` of each word's letters (words are split at the delimiter; empty ones dropped)."""
-    words: list[list[int]] = [[]]
-    for i, label in enumerate(labels):
-        if label == delimiter_id:
-            words.append([])
-        else:
-            words[-1].append(i)
-    return [word for word in words if word]
-
-
-def _beam_agreement(
-    chosen: list[list[int]], beam: list[tuple[list[int], float]], delimiter_id: int | None
-) -> list[float]:
-    """For each chosen word: the beam's probability share of hypotheses with the same word in the same place."""
-    shares = [0.0] * len(chosen)
-    for labels, share in beam:
-        words = [[labels[i] for i in word] for word in _word_positions(labels, delimiter_id)]
-        for k, word in enumerate(chosen):
-            if k < len(words) and words[k] == word:
-                shares[k] += share
-    return shares
-
-
-def _aligned_words(
-    log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None
-) -> list[tuple[int, int, list[int]]]:
-    """A decoded label sequence split into words at the delimiter, each timed by the Viterbi alignment."""
-    # the beam built ``labels`` from these frames, so a path exists; a NaN frame would leave none: no timings then
-    timed = align(log_probs, labels, blank_id) or [(0, 0)] * len(labels)
-    return [
-        (timed[word[0]][0], timed[word[-1]][1], [labels[i] for i in word])
-        for word in _word_positions(labels, delimiter_id)
-    ]
-
-
-def transcribe_audio(loaded: LoadedModel, audio: np.ndarray, log_probs: np.ndarray | None = None) -> Transcript:
-    """``infer`` (unless ``log_probs`` were computed already, e.g. in a shared batch) then ``postprocess`` with
-    the model's vocabulary and frame duration."""
-    if log_probs is None:
-        log_probs = infer(loaded, audio)
-    per_frame = loaded.samples_per_frame or len(audio) / max(log_probs.shape[0], 1)
-    return postprocess(
-        log_probs,
-        loaded.id_to_token,
-        loaded.blank_id,
-        frame_s=per_frame / SAMPLE_RATE,
-        delimiter=loaded.delimiter,
-        special_ids=loaded.special_ids,
-        decoder=loaded.decoder,
-    )

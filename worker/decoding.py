@@ -1,22 +1,215 @@
-"""CTC prefix beam search with an optional soft lexicon, and Viterbi alignment of the chosen labels.
+"""CTC decoding, pure code: (frames, vocab) log-posteriors -> a ``Transcript`` (text, confidence, word times).
 
 Greedy (best path) decoding spells each word letter by letter from the single best frame labels. The beam search
-keeps the ``beam_size`` most probable label sequences, summing every alignment of each, and adds
+(``BeamDecoder``) keeps the ``beam_size`` most probable label sequences, summing every alignment of each, and adds
 ``-oov_penalty`` (natural log) for every word that is not in the lexicon: a spelling the audio supports only a
 little better than a real word's (مرحبى vs مرحبا, homophones in synthetic speech) gives way, while a word the
-audio clearly spells survives even if the dictionary lacks it. Why not a library: pyctcdecode pins numpy < 2, and
-flashlight-text's lexicon decoder cannot emit a word outside its lexicon.
+audio clearly spells survives even if the dictionary lacks it; its words are timed by Viterbi alignment (``align``).
+Why not a library: pyctcdecode pins numpy < 2, and flashlight-text's lexicon decoder cannot emit a word outside its
+lexicon.
+
+Confidence: a word's is its CTC posterior: the probability, summed over every alignment, that the stretch of
+audio between its neighbouring words spells exactly this word (``word_posterior``); the transcript's is the
+lowest of its words'. With no words, it is the mean blank posterior (sure that nothing was said). All in [0, 1].
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from shared.schema import WordTiming
 from shared.text import is_model_text, normalize_arabic
 from worker.lexicon import Lexicon
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A CTC model's labels: built once when the model loads, shared by greedy decoding and the beam search."""
+
+    id_to_token: tuple[str, ...]
+    blank_id: int
+    delimiter_id: int | None  # the word delimiter's label; None when the vocabulary has none
+    skip_ids: frozenset[int]  # labels that write nothing ([UNK], <s>, unused ids); never the blank or the delimiter
+
+    @classmethod
+    def from_tokens(
+        cls, id_to_token: Iterable[str], blank_id: int, delimiter: str = "|", special_ids: Iterable[int] = ()
+    ) -> Vocabulary:
+        """``id_to_token`` ("" for unused ids), the blank's id, the word delimiter's token and the tokenizer's
+        special ids. The delimiter is a label the model emits even where the tokenizer lists it as special
+        (transformers 5 does)."""
+        tokens = tuple(id_to_token)
+        delimiter_id = tokens.index(delimiter) if delimiter in tokens else None
+        unused = {i for i, token in enumerate(tokens) if not token}
+        skip = (frozenset(special_ids) | unused) - {blank_id, delimiter_id}
+        return cls(tokens, blank_id, delimiter_id, skip)
+
+    def token(self, label: int) -> str:
+        """The label's token; "" for a logit column past the vocabulary (some checkpoints' heads have more)."""
+        return self.id_to_token[label] if label < len(self.id_to_token) else ""
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    confidence: float
+    words: list[WordTiming]
+
+
+def postprocess(
+    log_probs: np.ndarray, vocabulary: Vocabulary, frame_s: float, decoder: BeamDecoder | None = None
+) -> Transcript:
+    """CTC decoding of (frames, vocab) log-posteriors into text, confidence and word timings: greedy (best path)
+    without a ``decoder``, else its beam search, timed by Viterbi alignment. ``frame_s``: seconds per frame.
+
+    A word's confidence is ``word_posterior`` over the frames from the end of the word before it to the start of
+    the word after it: all the ways the audio there could spell this word, not only the best path. On the bundled
+    model's evaluation sets it ranks right vs wrong words better than the product of the letters' mean posteriors
+    (AUROC 0.82 vs 0.74 held-out, 0.77 vs 0.63 training voices). With a beam it is multiplied by the share of
+    the beam's probability whose hypotheses have this word in this place: a word the word list chose over a
+    likelier spelling is less sure (held-out AUROC 0.82 with the bundled list, 0.78 without this factor). The
+    transcript's is its weakest word's."""
+    if log_probs.shape[0] == 0:
+        return Transcript("", 0.0, [])
+    blank_id, delimiter_id = vocabulary.blank_id, vocabulary.delimiter_id
+    agreement: list[float] | None = None
+    if decoder is None:
+        spans = _greedy_words(log_probs, vocabulary)
+    else:
+        beam = decoder.search(log_probs)
+        spans = _aligned_words(log_probs, beam[0][0], blank_id, delimiter_id)
+        agreement = _beam_agreement([labels for _, _, labels in spans], beam, delimiter_id)
+
+    words = []
+    for k, (start, end, word_labels) in enumerate(spans):
+        context_start = spans[k - 1][1] if k > 0 else 0
+        context_end = spans[k + 1][0] if k + 1 < len(spans) else log_probs.shape[0]
+        posterior = word_posterior(log_probs[context_start:context_end], word_labels, blank_id, delimiter_id)
+        if agreement is not None:
+            posterior *= agreement[k]
+        words.append(
+            WordTiming(
+                word="".join(vocabulary.id_to_token[label] for label in word_labels),
+                start=round(start * frame_s, 3),
+                end=round(end * frame_s, 3),
+                confidence=round(posterior, 4),
+            )
+        )
+    confidence = min(w.confidence for w in words) if words else float(np.exp(log_probs[:, blank_id]).mean())
+    return Transcript(" ".join(w.word for w in words), round(float(confidence), 4), words)
+
+
+def word_posterior(log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None = None) -> float:
+    """P(the frames spell exactly ``labels``): the CTC forward sum over every alignment of ``labels`` to
+    ``log_probs`` (frames, vocab), with the word delimiter counted as silence (its mass joins the blank's)."""
+    if not labels:
+        return 0.0
+    frames = torch.from_numpy(np.ascontiguousarray(log_probs, dtype=np.float32))
+    if delimiter_id is not None and delimiter_id != blank_id:
+        frames = frames.clone()
+        frames[:, blank_id] = torch.logaddexp(frames[:, blank_id], frames[:, delimiter_id])
+        frames[:, delimiter_id] = -float("inf")
+    nll = torch.nn.functional.ctc_loss(
+        frames[:, None, :],
+        torch.tensor([labels]),
+        torch.tensor([frames.shape[0]]),
+        torch.tensor([len(labels)]),
+        blank=blank_id,
+        reduction="sum",
+    )
+    return float(torch.exp(-nll))  # too few frames for the labels: nll is inf, the posterior 0
+
+
+# -- greedy (best path) -------------------------------------------------------------------------------------------
+
+
+def best_path(scores: np.ndarray) -> list[tuple[int, int, int]]:
+    """The best label of each frame of ``scores`` (frames, vocab; log-posteriors or logits), as runs of one label:
+    (label, first frame, end frame)."""
+    best = scores.argmax(axis=-1)
+    if len(best) == 0:
+        return []
+    change = np.flatnonzero(np.diff(best)) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [len(best)]])
+    return [(int(best[s]), int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
+
+
+def greedy_labels(scores: np.ndarray, blank_id: int) -> list[int]:
+    """The greedy CTC label sequence (repeats collapsed, blanks dropped): equal labels, equal transcript."""
+    return [label for label, _, _ in best_path(scores) if label != blank_id]
+
+
+def _greedy_words(log_probs: np.ndarray, vocabulary: Vocabulary) -> list[tuple[int, int, list[int]]]:
+    """Best-path decoding: each word's first frame, end frame and labels."""
+    blank_id, delimiter_id, skip_ids = vocabulary.blank_id, vocabulary.delimiter_id, vocabulary.skip_ids
+    spans: list[tuple[int, int, list[int]]] = []
+    labels: list[int] = []
+    word_start = word_end = 0
+
+    def close_word() -> None:
+        if labels:
+            spans.append((word_start, word_end, labels.copy()))
+        labels.clear()
+
+    for label, start, end in best_path(log_probs):
+        token = vocabulary.token(label)
+        if label != blank_id and (label == delimiter_id or token.isspace()):
+            close_word()
+            continue
+        if label == blank_id or label in skip_ids or not token:
+            continue
+        if not labels:
+            word_start = start
+        labels.append(label)
+        word_end = end
+    close_word()
+    return spans
+
+
+# -- beam search --------------------------------------------------------------------------------------------------
+
+
+def _word_positions(labels: list[int], delimiter_id: int | None) -> list[list[int]]:
+    """Indices into ``labels`` of each word's letters (words are split at the delimiter; empty ones dropped)."""
+    words: list[list[int]] = [[]]
+    for i, label in enumerate(labels):
+        if label == delimiter_id:
+            words.append([])
+        else:
+            words[-1].append(i)
+    return [word for word in words if word]
+
+
+def _beam_agreement(
+    chosen: list[list[int]], beam: list[tuple[list[int], float]], delimiter_id: int | None
+) -> list[float]:
+    """For each chosen word: the beam's probability share of hypotheses with the same word in the same place."""
+    shares = [0.0] * len(chosen)
+    for labels, share in beam:
+        words = [[labels[i] for i in word] for word in _word_positions(labels, delimiter_id)]
+        for k, word in enumerate(chosen):
+            if k < len(words) and words[k] == word:
+                shares[k] += share
+    return shares
+
+
+def _aligned_words(
+    log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None
+) -> list[tuple[int, int, list[int]]]:
+    """A decoded label sequence split into words at the delimiter, each timed by the Viterbi alignment."""
+    # the beam built ``labels`` from these frames, so a path exists; a NaN frame would leave none: no timings then
+    timed = align(log_probs, labels, blank_id) or [(0, 0)] * len(labels)
+    return [
+        (timed[word[0]][0], timed[word[-1]][1], [labels[i] for i in word])
+        for word in _word_positions(labels, delimiter_id)
+    ]
+
 
 _NEG = -1e30
 
@@ -43,32 +236,24 @@ def _merge(beams: dict[tuple[int, ...], Hyp], key: tuple[int, ...], p_blank: flo
 
 @dataclass(frozen=True)
 class BeamDecoder:
-    """What the beam search needs besides the frames: the vocabulary as normalized letters ("" for labels that
-    write nothing, e.g. tashkeel in a production checkpoint's vocabulary) and the lexicon settings."""
+    """What the beam search needs besides the frames: the model's vocabulary, its labels as normalized letters (""
+    for labels that write nothing, e.g. tashkeel in a production checkpoint's vocabulary) and the lexicon settings."""
 
+    vocabulary: Vocabulary
     letters: tuple[str, ...]  # per label id
-    blank_id: int
-    delimiter_id: int | None
-    skip_ids: frozenset[int]  # special tokens that write nothing ([UNK], <s>)
     lexicon: Lexicon | None = None
     oov_penalty: float = 2.0
     beam_size: int = 12
     prune_log_prob: float = -10.0  # labels less likely than e^-10 in a frame are not tried there
 
     @classmethod
-    def for_vocabulary(
-        cls,
-        id_to_token: list[str],
-        blank_id: int,
-        delimiter: str,
-        special_ids: frozenset[int],
-        **options,
-    ) -> BeamDecoder:
-        delimiter_id = id_to_token.index(delimiter) if delimiter in id_to_token else None
-        skip = (frozenset(special_ids) | {i for i, t in enumerate(id_to_token) if not t}) - {blank_id}
-        silent = skip | {blank_id, delimiter_id}
-        letters = tuple("" if i in silent else normalize_arabic(t).replace(" ", "") for i, t in enumerate(id_to_token))
-        return cls(letters, blank_id, delimiter_id, skip, **options)
+    def for_vocabulary(cls, vocabulary: Vocabulary, **options) -> BeamDecoder:
+        silent = vocabulary.skip_ids | {vocabulary.blank_id, vocabulary.delimiter_id}
+        letters = tuple(
+            "" if i in silent else normalize_arabic(token).replace(" ", "")
+            for i, token in enumerate(vocabulary.id_to_token)
+        )
+        return cls(vocabulary, letters, **options)
 
     def arabic_share(self) -> float:
         """Share of the writing labels that are Arabic letters (a lexicon only makes sense for Arabic models)."""
@@ -86,20 +271,21 @@ class BeamDecoder:
         beam's probability (lexicon scores included; shares sum to 1). A label sequence is CTC-collapsed: no
         blanks, repeats kept only where a blank separated them, word delimiters included."""
         hyps: dict[tuple[int, ...], Hyp] = {(): [0.0, _NEG, 0.0, "", False]}
-        lexicon = self.lexicon
+        lexicon, vocabulary = self.lexicon, self.vocabulary
+        blank_id, delimiter_id, skip_ids = vocabulary.blank_id, vocabulary.delimiter_id, vocabulary.skip_ids
         n_labels = len(self.letters)  # an exported model may have logit columns past the vocabulary: never tried
         for row in log_probs:
             likely = map(int, np.flatnonzero(row > self.prune_log_prob))
-            candidates = [c for c in likely if c < n_labels and c not in self.skip_ids]
+            candidates = [c for c in likely if c < n_labels and c not in skip_ids]
             if not candidates:  # only skipped labels are likely in this frame: treat it as a pause
-                candidates = [self.blank_id]
+                candidates = [blank_id]
             nxt: dict[tuple[int, ...], Hyp] = {}
             for key, (p_blank, p_label, lex, word, oov) in hyps.items():
                 total = _logaddexp(p_blank, p_label)
                 last = key[-1] if key else None
                 for c in candidates:
                     p = float(row[c])
-                    if c == self.blank_id:
+                    if c == blank_id:
                         _merge(nxt, key, total + p, _NEG, lex, word, oov)
                         continue
                     if c == last:  # the same label again: one letter held longer, or a doubled one after a blank
@@ -109,7 +295,7 @@ class BeamDecoder:
                         source = p_blank
                     else:
                         source = total
-                    if c == self.delimiter_id:  # a word ends (scored unless it left the lexicon already), or a pause
+                    if c == delimiter_id:  # a word ends (scored unless it left the lexicon already), or a pause
                         ended = lex + (0.0 if oov else self._word_score(word))
                         _merge(nxt, key + (c,), _NEG, source + p, ended, "", False)
                         continue

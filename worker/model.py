@@ -37,9 +37,8 @@ def build_decoder(model: LoadedModel, settings: Settings) -> BeamDecoder | None:
     if settings.ASR_BEAM_SIZE <= 1:
         return None
     decoder = BeamDecoder.for_vocabulary(
-        model.id_to_token, model.blank_id, model.delimiter, model.special_ids,
-        beam_size=settings.ASR_BEAM_SIZE, oov_penalty=settings.ASR_LEXICON_PENALTY,
-    )  # fmt: skip
+        model.vocabulary, beam_size=settings.ASR_BEAM_SIZE, oov_penalty=settings.ASR_LEXICON_PENALTY
+    )
     if settings.ASR_LEXICON.strip().lower() in ("", "none"):
         return decoder
     if decoder.arabic_share() < MIN_ARABIC_SHARE:
