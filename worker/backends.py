@@ -30,6 +30,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from worker.decoding import greedy_labels
+
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "onnx-dynamo-v1"  # part of the cache key: change it when the export recipe changes
@@ -330,13 +332,6 @@ def _export(model: torch.nn.Module, example: dict[str, np.ndarray], out: Path) -
 # -- choosing a backend ---------------------------------------------------------------------------------------
 
 
-def ctc_labels(log_probs: np.ndarray, blank_id: int) -> list[int]:
-    """The greedy CTC label sequence (repeats collapsed, blanks dropped): equal labels, equal transcript."""
-    best = log_probs.argmax(-1)
-    keep = np.concatenate([[True], best[1:] != best[:-1]]) & (best != blank_id)
-    return best[keep].tolist()
-
-
 def token_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     """Share of frames whose argmax label is the same (both ``(frames, vocab)``)."""
     n = min(len(reference), len(candidate))
@@ -359,7 +354,7 @@ def calibrate(
     measured = {}
     for backend, runner in runners.items():
         output = runner(speech_inputs)[0][0]
-        same_transcript = ctc_labels(output, blank_id) == ctc_labels(reference, blank_id)
+        same_transcript = greedy_labels(output, blank_id) == greedy_labels(reference, blank_id)
         runner(speed_inputs)
         times = []
         for _ in range(runs):
