@@ -60,9 +60,6 @@ class DynamicBatcher:
             pending.future.cancel()  # a batch that has not taken it yet skips it
             raise
 
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        return self.submit(audio)[0]
-
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=5)
