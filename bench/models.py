@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.audio import SAMPLE_RATE
+
 HERE = Path(__file__).parent
 WORK = HERE / "work"  # random-weight checkpoints and the ONNX cache (gitignored)
-SAMPLE_RATE = 16_000
 
 
 def reference_checkpoint(kind: str) -> Path:
