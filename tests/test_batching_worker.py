@@ -18,8 +18,7 @@ CLIPS = ["marhaba.webm", "shukran.webm", "sabah_alkhayr.webm", "marhaba.ogg", "s
 
 @pytest.fixture(scope="module")
 def batching_settings(settings: Settings) -> Settings:
-    return dataclasses.replace(
-        settings,
+    return settings.replace(
         REDIS_URL=settings.REDIS_URL.rsplit("/", 1)[0] + "/1",  # its own keys (model loads, jobs)
         QUEUE="test-batching",
         BATCH_MAX_SIZE=4,
