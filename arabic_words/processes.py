@@ -6,10 +6,12 @@ own."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 
 SERVICES = ("web", "worker", "flower")
 
@@ -39,12 +41,40 @@ def web_argv(settings: Settings) -> list[str]:
 
 
 def flower_argv(settings: Settings) -> list[str]:
-    """Flower on the broker (``CELERY_BROKER_URL`` in its environment: a password in the URL stays out of ``ps``).
-    Without FLOWER_BASIC_AUTH it listens on localhost only: never open without a password."""
+    """Flower on the broker. Neither the broker URL (``CELERY_BROKER_URL``) nor the basic-auth credentials
+    (``FLOWER_BASIC_AUTH``, which Flower reads from its environment: ``flower_env``) are on the command line, which
+    every user of the machine can read in ``ps``. Without credentials it listens on localhost only: never open
+    without a password."""
     argv = [sys.executable, "-m", "celery", "flower", f"--port={settings.FLOWER_PORT}", "--purge_offline_workers=60"]
-    if settings.FLOWER_BASIC_AUTH:
-        return [*argv, "--address=0.0.0.0", f"--basic-auth={settings.FLOWER_BASIC_AUTH}"]
-    return [*argv, "--address=127.0.0.1"]
+    return [*argv, "--address=0.0.0.0" if flower_credentials(settings) else "--address=127.0.0.1"]
+
+
+def flower_credentials(settings: Settings) -> str:
+    """``user:password`` (several: comma-separated) from FLOWER_BASIC_AUTH or the file FLOWER_BASIC_AUTH_FILE
+    names (read here, at startup); empty = none. Flower splits the value at commas, so each part must be a
+    ``user:password`` of its own: "ops:a,b" would let in anyone who sends the credential "b"."""
+    name, value = "FLOWER_BASIC_AUTH", settings.FLOWER_BASIC_AUTH
+    if settings.FLOWER_BASIC_AUTH_FILE:
+        if value:
+            raise ConfigError("invalid configuration: set FLOWER_BASIC_AUTH or FLOWER_BASIC_AUTH_FILE, not both")
+        name = "FLOWER_BASIC_AUTH_FILE"
+        try:
+            value = Path(settings.FLOWER_BASIC_AUTH_FILE).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"invalid configuration: FLOWER_BASIC_AUTH_FILE={settings.FLOWER_BASIC_AUTH_FILE!r}: "
+                f"cannot be read ({exc.__class__.__name__})"
+            ) from None
+    if value and not all(re.fullmatch(r"[^:,\s]+:[^,\n]+", part) for part in value.split(",")):
+        raise ConfigError(f"invalid configuration: {name}=<hidden>: each comma-separated part must be user:password")
+    return value
+
+
+def flower_env(settings: Settings) -> dict[str, str]:
+    """What Flower's environment needs beyond the settings: the credentials under FLOWER_BASIC_AUTH, or no such
+    variable at all (Flower would take an empty one for the credential '' and answer every request 401)."""
+    credentials = flower_credentials(settings)
+    return {"FLOWER_BASIC_AUTH": credentials} if credentials else {}
 
 
 def worker_argv(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
@@ -64,6 +94,10 @@ def exec_service(argv: list[str], settings: Settings) -> None:
     """Become ``argv`` (so a supervisor's signals reach gunicorn or Flower directly), with the environment holding
     the settings this process validated."""
     env = {**os.environ, **settings.as_env(), "CELERY_BROKER_URL": settings.REDIS_URL}
+    # Flower's credentials go to Flower alone, and never as an empty FLOWER_BASIC_AUTH (see flower_env)
+    env.pop("FLOWER_BASIC_AUTH", None)
+    if argv == flower_argv(settings):
+        env.update(flower_env(settings))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)

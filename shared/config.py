@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     FLOWER_PORT: int = Field(5555, ge=1, le=65535)
     # "user:password" for Flower's basic auth; empty leaves Flower bound to localhost only.
     FLOWER_BASIC_AUTH: str = Field("", pattern=r"^$|^[^:]+:.+$")
+    # Path of a file holding that "user:password" instead (e.g. a Docker secret), read when Flower starts; set one of
+    # the two, not both. Either way Flower is given it by environment, never on its command line.
+    FLOWER_BASIC_AUTH_FILE: str = ""
     LOG_LEVEL: LogLevel = "INFO"
 
     # ------------------------------------------------------------------------------------------ fault injection
