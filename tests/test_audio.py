@@ -25,6 +25,7 @@ from worker.audio import SAMPLE_RATE, InvalidAudio, decode
 
 CLIPS = sorted(read_transcripts())
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
+MAX_AUDIO_S = 30.0
 
 
 def reference_decode(data: bytes) -> np.ndarray:
@@ -51,7 +52,7 @@ def best_correlation(a: np.ndarray, b: np.ndarray, max_shift: int = 64) -> float
 @pytest.mark.parametrize("name", CLIPS)
 def test_every_format_decodes_like_the_reference(name):
     data = (DATA / name).read_bytes()
-    audio = decode(data)
+    audio = decode(data, max_audio_s=MAX_AUDIO_S)
     ref = reference_decode(data)
     assert audio.dtype == np.float32 and audio.ndim == 1
     assert abs(len(audio) - len(ref)) <= SAMPLE_RATE * 0.03  # same length within codec priming (<= 30 ms)
@@ -86,9 +87,9 @@ def _wav(samples: np.ndarray, rate: int = SAMPLE_RATE, subtype: str = "PCM_16") 
     return buf.getvalue()
 
 
-def _reason(data: bytes, **kwargs) -> str:
+def _reason(data: bytes, max_audio_s: float = MAX_AUDIO_S) -> str:
     with pytest.raises(InvalidAudio) as info:
-        decode(data, **kwargs)
+        decode(data, max_audio_s=max_audio_s)
     assert info.value.message
     return info.value.reason
 
@@ -145,7 +146,7 @@ def test_live_webm_without_a_declared_duration_decodes():
     data = _webm_opus(2.2, live="1")
     with av.open(io.BytesIO(data), format="matroska") as container:
         assert not container.duration
-    assert abs(len(decode(data)) - 2.2 * SAMPLE_RATE) <= 0.03 * SAMPLE_RATE
+    assert abs(len(decode(data, max_audio_s=MAX_AUDIO_S)) - 2.2 * SAMPLE_RATE) <= 0.03 * SAMPLE_RATE
 
 
 def _stereo_opus(left: np.ndarray, right: np.ndarray, container: str) -> bytes:
@@ -176,10 +177,10 @@ def _decode_both_ways(data: bytes, monkeypatch) -> tuple[np.ndarray, np.ndarray]
     calls = []
     real = audio_module._decode_opus
     monkeypatch.setattr(audio_module, "_decode_opus", lambda *args: calls.append(1) or real(*args))
-    through_libopus = decode(data)
+    through_libopus = decode(data, max_audio_s=MAX_AUDIO_S)
     assert calls == [1]
     monkeypatch.setattr(audio_module, "_libopus", lambda: None)
-    return through_libopus, decode(data)
+    return through_libopus, decode(data, max_audio_s=MAX_AUDIO_S)
 
 
 @pytest.mark.parametrize("fmt", ["webm", "ogg"])
@@ -206,7 +207,7 @@ def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
 
     data = _webm_opus(seconds)
     monkeypatch.setattr(audio_module, "_SPLIT_MIN_S", 1e9)
-    one = decode(data)
+    one = decode(data, max_audio_s=MAX_AUDIO_S)
     monkeypatch.undo()
     started = []
 
@@ -216,7 +217,7 @@ def test_opus_decoded_in_two_halves_matches_one_decoder(seconds, monkeypatch):
             super().start()
 
     monkeypatch.setattr(audio_module.threading, "Thread", CountingThread)
-    two = decode(data)
+    two = decode(data, max_audio_s=MAX_AUDIO_S)
     assert len(two) == len(one)
     assert np.abs(two - one).max() < 0.002 and np.corrcoef(two, one)[0, 1] > 0.99999
     assert len(started) == (1 if seconds >= 1.5 else 0)  # short clips are not worth a second thread
@@ -364,14 +365,14 @@ def test_unsupported_codec_in_an_accepted_container():
 def test_stereo_is_downmixed_by_averaging():
     left = (np.sin(np.arange(SAMPLE_RATE) / 10) * 0.5).astype(np.float32)
     stereo = np.stack([left, -left * 0.5], axis=1)
-    audio = decode(_wav(stereo))
+    audio = decode(_wav(stereo), max_audio_s=MAX_AUDIO_S)
     assert np.allclose(audio, left * 0.25, atol=2e-4)
 
 
 def test_resamples_to_16k():
     rate = 44_100
     tone = (np.sin(2 * np.pi * 440 * np.arange(rate) / rate) * 0.5).astype(np.float32)
-    audio = decode(_wav(tone, rate))
+    audio = decode(_wav(tone, rate), max_audio_s=MAX_AUDIO_S)
     assert len(audio) == SAMPLE_RATE
     spectrum = np.abs(np.fft.rfft(audio))
     assert abs(np.argmax(spectrum) - 440) <= 1  # 1 Hz bins over 1 s
@@ -390,7 +391,7 @@ def test_long_input_converted_block_by_block_is_the_one_shot_result():
     stereo = np.stack([left, -0.5 * left], axis=1)
     whole = soxr.resample(np.float32(0.5) * stereo[:, 0] + np.float32(0.5) * stereo[:, 1], 44_100, SAMPLE_RATE,
                           quality="HQ")  # fmt: skip
-    audio = decode(_wav(stereo, 44_100, subtype="FLOAT"))
+    audio = decode(_wav(stereo, 44_100, subtype="FLOAT"), max_audio_s=MAX_AUDIO_S)
     assert len(audio) == len(whole) and np.abs(audio - whole).max() < 1e-6
 
     from tests.test_decode_memory import encoded  # FFmpeg's decoder: ~1,000 frames of FLAC at 96 kHz
@@ -400,7 +401,7 @@ def test_long_input_converted_block_by_block_is_the_one_shot_result():
         samples = np.concatenate([f.to_ndarray().reshape(-1, 2) for f in container.decode(audio=0)])
     mono = (samples.astype(np.float32) / 32767) @ np.full(2, 0.5, np.float32)
     whole = soxr.resample(mono, 96_000, SAMPLE_RATE, quality="HQ")
-    audio = decode(data)
+    audio = decode(data, max_audio_s=MAX_AUDIO_S)
     assert len(audio) == len(whole) == 12 * SAMPLE_RATE and np.abs(audio - whole).max() < 1e-6
 
 
@@ -430,7 +431,7 @@ def test_rate_change_mid_stream_is_resampled_part_by_part():
     part an octave down.)"""
     from tests.test_decode_memory import switching_rate
 
-    audio = decode(switching_rate([(24_000, 1), (48_000, 1)]))
+    audio = decode(switching_rate([(24_000, 1), (48_000, 1)]), max_audio_s=MAX_AUDIO_S)
     assert len(audio) == 2 * SAMPLE_RATE
     for start in (0, SAMPLE_RATE):  # each part opens with 0.5 s of the tone
         part = audio[start + 800 : start + 800 + SAMPLE_RATE // 4]
@@ -438,6 +439,111 @@ def test_rate_change_mid_stream_is_resampled_part_by_part():
     # 20 s at 24 kHz, then 48 kHz: 9 s more is 29 s, 11 s more is 31 s (880,000 samples: under 30 s at 48 kHz)
     assert len(decode(switching_rate([(24_000, 20), (48_000, 9)]), max_audio_s=30)) == 29 * SAMPLE_RATE
     assert _reason(switching_rate([(24_000, 20), (48_000, 11)]), max_audio_s=30) == "audio_too_long"
+
+
+# ------------------------------------------------------------------------------------------ whose error it is
+def _raise_once(error: type[Exception], where: str = ""):
+    """A stand-in for one of worker.audio's own helpers with a bug: raises ``error`` (in thread ``where`` only, if
+    given), else does what the helper does."""
+    import threading
+
+    def install(owner, attribute: str, monkeypatch) -> None:
+        real = getattr(owner, attribute)
+
+        def buggy(*args, **kwargs):
+            if not where or threading.current_thread().name == where:
+                raise error("a bug of ours")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, attribute, buggy)
+
+    return install
+
+
+@pytest.mark.parametrize(
+    ("name", "helper", "thread", "path"),
+    [
+        ("kitab.webm", "_opus_split_points", "", "_decode_opus"),
+        ("kitab.ogg", "_skip_samples", "", "_decode_opus"),
+        ("kitab.webm", "_opus_run", "", "_decode_opus"),
+        ("sabah_alkhayr.ogg", "_opus_run", "opus-second-half", "_decode_opus"),  # 1.86 s: decoded in two halves
+        ("kitab.mp3", "_frame_samples", "", "_decode_frames"),
+        ("kitab.m4a", "_Mono16k.add", "", "_decode_frames"),
+        ("kitab.webm", "_Mono16k.add", "", "_decode_frames"),  # FFmpeg's Opus decoder: no libopus
+        ("kitab.wav", "_Mono16k.add", "", "_decode_soundfile"),
+        ("kitab.flac", "_Mono16k.add", "", "_decode_soundfile"),
+    ],
+)
+@pytest.mark.parametrize("error", [IndexError, ValueError, KeyError])
+def test_a_bug_of_ours_is_not_reported_as_a_bad_upload(name, helper, thread, path, error, monkeypatch):
+    """An exception from worker.audio's own code, decoding a good file through the real decoders, reaches the
+    caller as itself, traceback and all (the worker reports it as internal_error), not as InvalidAudio: only what
+    FFmpeg and libsndfile raise about the upload becomes InvalidAudio."""
+    import worker.audio as audio_module
+
+    if path == "_decode_frames" and name.endswith(".webm"):
+        monkeypatch.setattr(audio_module, "_libopus", lambda: None)
+    elif path == "_decode_opus" and audio_module._libopus() is None:
+        pytest.skip("no libopus to load here: FFmpeg decodes Opus")
+    owner, _, attribute = helper.rpartition(".")
+    _raise_once(error, thread)(getattr(audio_module, owner) if owner else audio_module, attribute, monkeypatch)
+    with pytest.raises(error, match="a bug of ours") as raised:
+        decode((DATA / name).read_bytes(), max_audio_s=MAX_AUDIO_S)
+    assert type(raised.value) is error  # InvalidAudio is a ValueError too
+    called = [entry.name for entry in raised.traceback]
+    assert path in called
+    if path == "_decode_soundfile":
+        assert "_decode_ffmpeg" not in called  # no second try through FFmpeg either
+
+
+@pytest.mark.parametrize("name", ["kitab.wav", "kitab.flac"])
+def test_soundfile_misused_is_a_bug_not_a_file_for_ffmpeg(name, monkeypatch):
+    """soundfile's TypeError for a wrong argument (here a block size of None) is not libsndfile failing to read the
+    file: it propagates, rather than sending the file on to FFmpeg as if libsndfile could not read it."""
+    import worker.audio as audio_module
+
+    monkeypatch.setattr(audio_module, "_BLOCK", None)
+    with pytest.raises(TypeError) as raised:
+        decode((DATA / name).read_bytes(), max_audio_s=MAX_AUDIO_S)
+    called = [entry.name for entry in raised.traceback]
+    assert "_decode_soundfile" in called and "_decode_ffmpeg" not in called
+
+
+def test_what_ffmpeg_raises_becomes_invalid_audio_with_its_cause():
+    with pytest.raises(InvalidAudio) as refused:
+        decode(b"\x1a\x45\xdf\xa3" + bytes(500), max_audio_s=MAX_AUDIO_S)
+    assert refused.value.reason == "corrupt"
+    assert isinstance(refused.value.__cause__, av.error.FFmpegError)
+
+
+def _tagged(container: str, codec: str, title: str) -> bytes:
+    """A second of a tone whose title tag is written in Latin-1, not UTF-8 (as in files from older taggers)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container, metadata_encoding="latin-1") as out:
+        stream = out.add_stream(codec, rate=48_000, layout="mono")
+        out.metadata["title"] = stream.metadata["title"] = title
+        tone = (np.sin(2 * np.pi * 440 * np.arange(48_000) / 48_000) * 0.3).astype(np.float32)[None]
+        step = stream.codec_context.frame_size or 1024
+        for start in range(0, tone.shape[1], step):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start : start + step]), format="fltp",
+                                               layout="mono")  # fmt: skip
+            frame.sample_rate, frame.pts = 48_000, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("container", "codec"), [("webm", "libopus"), ("ogg", "libopus"), ("mp3", "libmp3lame"), ("mp4", "aac")]
+)
+def test_a_tag_that_is_not_utf8_does_not_refuse_the_recording(container, codec):
+    """PyAV decodes every tag while opening, as strict UTF-8 by default: a UnicodeDecodeError, found by the fuzzer,
+    that refused these files as corrupt."""
+    data = _tagged(container, codec, "caf\xe9")
+    assert "café".encode("latin-1") in data
+    assert abs(len(decode(data, max_audio_s=MAX_AUDIO_S)) - SAMPLE_RATE) <= 0.03 * SAMPLE_RATE
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing
@@ -457,7 +563,7 @@ def _check(data: bytes) -> None:
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(10)
     try:
-        audio = decode(data, max_audio_s=30)
+        audio = decode(data, max_audio_s=MAX_AUDIO_S)
     except InvalidAudio as exc:
         assert exc.reason and exc.message
         return
@@ -510,11 +616,11 @@ def test_decode_does_not_leak():
     bad = (DATA / "sabah_alkhayr.webm").read_bytes()[:300]
     for _ in range(30):  # warm-up: allocator pools, codec tables
         for data in clips:
-            decode(data)
+            decode(data, max_audio_s=MAX_AUDIO_S)
     before = _rss_mb()
     for _ in range(150):
         for data in clips:
-            decode(data)
+            decode(data, max_audio_s=MAX_AUDIO_S)
         with pytest.raises(InvalidAudio):
-            decode(bad)
+            decode(bad, max_audio_s=MAX_AUDIO_S)
     assert _rss_mb() - before < 25  # 1,050 decodes: a leak of even 25 kB each would show

@@ -170,9 +170,9 @@ def test_hostile_sizes_are_decoded_or_refused_in_bounded_memory(name, tmp_path):
         assert result.get("reason") == reason, result
 
 
-def _refused(data: bytes, **kwargs) -> InvalidAudio:
+def _refused(data: bytes) -> InvalidAudio:
     with pytest.raises(InvalidAudio) as info:
-        decode(data, **kwargs)
+        decode(data, max_audio_s=30)
     return info.value
 
 
@@ -180,7 +180,8 @@ def _refused(data: bytes, **kwargs) -> InvalidAudio:
 def test_sample_rate_over_192k_is_refused_from_the_header(container):
     refused = _refused(encoded(192_001, 1, 0.2, container=container))
     assert refused.reason == "sample_rate_too_high" and "192001 Hz" in refused.message
-    assert len(decode(encoded(192_000, 8, 0.2, container=container))) == pytest.approx(0.2 * SAMPLE_RATE, abs=2)
+    audio = decode(encoded(192_000, 8, 0.2, container=container), max_audio_s=30)
+    assert len(audio) == pytest.approx(0.2 * SAMPLE_RATE, abs=2)
 
 
 def test_sample_rate_over_192k_is_refused_on_the_frame_that_has_it():

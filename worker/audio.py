@@ -20,7 +20,9 @@ import functools
 import io
 import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -28,9 +30,9 @@ import soundfile as sf
 import soxr
 
 from shared.audio_format import UNRECOGNIZED_FORMAT_MESSAGE, sniff_container
-from shared.config import Settings
 
 SAMPLE_RATE = 16_000
+_T = TypeVar("_T")
 _SILENCE_PEAK = 10 ** (-80 / 20)  # below -80 dBFS everywhere: nothing to transcribe
 
 # container -> FFmpeg demuxer name (forced, never probed)
@@ -59,9 +61,9 @@ _SOUNDFILE_CONTAINERS = {"wav", "flac"}
 # From 1.5 s a second decoder takes the second half of the packets on the other core, starting 200 ms early and
 # dropping its output for them (pre-roll). RFC 7845 (4.6) asks for 80 ms; measured, 80 ms left the seam up to 0.05
 # off one decoder's samples on a 1.6 s clip, 200 ms under 0.001 (`tests/test_audio.py`). 2.2 s WebM: 3.65 -> 3.07 ms
-# (these 2 cores give ~1.3x for two busy threads; a 1 s clip gains nothing). FFmpeg's decoder split the same way,
-# the previous design, took 5.4 ms in all. libopus is the one inside the PyAV wheel, or the system's; without one,
-# or for what libopus's plain decoder does not cover (surround mapping, an output gain), FFmpeg decodes.
+# (these 2 cores give ~1.3x for two busy threads; a 1 s clip gains nothing); FFmpeg's decoder split the same way
+# takes 5.4 ms. libopus is the one inside the PyAV wheel, or the system's; without one, or for what libopus's plain
+# decoder does not cover (surround mapping, an output gain), FFmpeg decodes.
 _OPUS_PREROLL_S = 0.2
 _SPLIT_MIN_S = 1.5
 _OPUS_MIN_FRAME_S = 0.0025  # more packets than max_audio_s / this is too long whatever they hold
@@ -73,7 +75,7 @@ _OPUS_RATE_RATIO = 48_000 // SAMPLE_RATE  # Opus timestamps and skips count 48 k
 _MAX_SAMPLE_RATE = 192_000
 _MAX_CHANNELS = 8
 # Samples (a channel) converted and resampled at a time: what is held at the input's rate is about one block, mono
-# (0.5 MB); a clip shorter than one block (2.7 s at 48 kHz) is resampled in one call, as before blocks.
+# (0.5 MB); a clip shorter than one block (2.7 s at 48 kHz) is resampled in one call, with no stream to set up.
 _BLOCK = 1 << 17
 # A Matroska/WebM file that says how long it is (MediaRecorder's live files do not) and decodes to this much less
 # was cut off: its demuxer just stops at the cut, without an error.
@@ -89,15 +91,14 @@ class InvalidAudio(ValueError):
         self.message = message
 
 
-def decode(data: bytes, *, max_audio_s: float | None = None) -> np.ndarray:
-    """Decode an uploaded file to mono float32 samples at 16 kHz.
+def decode(data: bytes, *, max_audio_s: float) -> np.ndarray:
+    """Decode an uploaded file to mono float32 samples at 16 kHz, ``max_audio_s`` seconds of it at most (a stream's
+    duration is counted at its own sample rate).
 
     Raises ``InvalidAudio`` (reason: empty, unrecognized_format, corrupt, truncated, no_audio_stream,
     unsupported_codec, sample_rate_too_high, too_many_channels, zero_length, non_finite, silent, audio_too_long) for
-    anything else. ``max_audio_s`` defaults to MAX_AUDIO_S; a stream's duration is counted at its own sample rate.
+    anything else. Any other exception is a bug, here or in a library, not a property of the upload.
     """
-    if max_audio_s is None:
-        max_audio_s = Settings().MAX_AUDIO_S
     if not data:
         raise InvalidAudio("empty", "the upload is empty")
     container = sniff_container(data)
@@ -224,16 +225,13 @@ def _check_wav_not_truncated(data: bytes) -> None:
         pos += 8 + size + (size & 1)
 
 
-# what libsndfile (through soundfile) raises for a file it cannot read: then FFmpeg tries, knowing more codecs (and
-# saying what is wrong when it cannot)
-_SOUNDFILE_ERRORS = (sf.LibsndfileError, RuntimeError, ValueError, TypeError)
-
-
 def _decode_soundfile(data: bytes, max_audio_s: float) -> np.ndarray | None:
-    """16 kHz mono, read a block at a time; None when libsndfile cannot read the file."""
+    """16 kHz mono, read a block at a time; None when libsndfile cannot read the file: then FFmpeg tries, knowing more
+    codecs (and saying what is wrong when it cannot). What libsndfile reports about a file reaches Python as
+    ``LibsndfileError``, raised by opening and reading only; soundfile's other exceptions are for wrong arguments."""
     try:
         f = sf.SoundFile(io.BytesIO(data))
-    except _SOUNDFILE_ERRORS:
+    except sf.LibsndfileError:
         return None
     with f:
         rate, channels, frames = f.samplerate, f.channels, f.frames
@@ -246,90 +244,79 @@ def _decode_soundfile(data: bytes, max_audio_s: float) -> np.ndarray | None:
         while True:
             try:
                 block = f.read(frames=_BLOCK, dtype="float32", always_2d=True)
-            except _SOUNDFILE_ERRORS:
+            except sf.LibsndfileError:
                 return None
             if not len(block):
                 return audio.finish()
             audio.add(block.T, rate)
 
 
-class _FFmpegErrors:
-    """Turns what FFmpeg's libraries raise through PyAV into InvalidAudio, around the calls into them only: once
-    audio was decoded (``decoded``), or when the demuxer ran out of bytes (OGG reads its last page while opening),
-    the upload broke off part-way, a partial one not to transcribe half of; otherwise it is corrupt."""
+# FFmpeg's libraries fail on an upload in three places: opening it (av.open), and each step of PyAV's demuxer
+# and decoder generators (next()). PyAV raises their error codes as av.error.FFmpegError, and those calls are where
+# it becomes InvalidAudio. Reading streams, codec parameters, packets, their side data and frames copies fields
+# FFmpeg filled in, and closing reports nothing: none of it fails on what the upload holds. Any other exception
+# comes from this module, or from the libraries on misuse: a bug, left to propagate as itself.
 
-    ERRORS = (av.error.FFmpegError, ValueError, IndexError, KeyError, UnicodeDecodeError, OverflowError)
 
-    def __init__(self) -> None:
-        self.decoded = False
+def _ffmpeg_refused(exc: av.error.FFmpegError, decoded: bool) -> InvalidAudio:
+    """What a failing FFmpeg call says about the upload: once audio was decoded (``decoded``), or when the demuxer
+    ran out of bytes (OGG reads its last page while opening), it broke off part-way, a partial upload not to
+    transcribe half of; otherwise it is corrupt."""
+    if decoded or isinstance(exc, av.error.EOFError):
+        return _broke_off()
+    return InvalidAudio("corrupt", f"the audio could not be decoded ({type(exc).__name__})")
 
-    def __enter__(self) -> _FFmpegErrors:
-        return self
 
-    def __exit__(self, kind, exc, traceback) -> None:
-        if exc is not None and not isinstance(exc, InvalidAudio) and isinstance(exc, self.ERRORS):
-            raise self.translate(exc) from None
-
-    def translate(self, exc: BaseException) -> InvalidAudio:
-        if self.decoded or isinstance(exc, av.error.EOFError):
-            return _broke_off()
-        return InvalidAudio("corrupt", f"the audio could not be decoded ({type(exc).__name__})")
+def _next(items: Iterator[_T], decoded: bool) -> _T | None:
+    """The next packet or frame from PyAV's demuxer or decoder (generators: each step demuxes or decodes), None at
+    the end."""
+    try:
+        return next(items, None)
+    except av.error.FFmpegError as exc:
+        raise _ffmpeg_refused(exc, decoded) from exc
 
 
 def _decode_ffmpeg(data: bytes, container: str, max_audio_s: float) -> np.ndarray:
-    library = _FFmpegErrors()
-    with library:
-        demuxer = av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container])
     try:
-        with library:
-            streams = demuxer.streams.audio
-            if not streams:
-                raise InvalidAudio("no_audio_stream", "the file has no audio stream")
-            stream = streams[0]
-            codec = stream.codec_context
-            if codec is None:  # FFmpeg has no decoder for it (e.g. a WAV header with 0 bits/sample)
-                raise InvalidAudio("unsupported_codec", "the audio codec is unknown")
-            if codec.name not in _CODECS:
-                raise InvalidAudio("unsupported_codec", f"audio codec {codec.name!r} is not accepted")
-            _check_shape(codec.sample_rate, codec.channels)  # what the header says; each frame is checked again
-            opus = _libopus() if codec.name == "opus" else None
-            head = bytes(codec.extradata or b"")
+        # Opening decodes every tag (title, encoder, ...) to str, as strict UTF-8 unless told otherwise: a Latin-1
+        # title would refuse the recording with a UnicodeDecodeError. No tag is read here.
+        demuxer = av.open(io.BytesIO(data), mode="r", format=_DEMUXERS[container], metadata_errors="replace")
+    except av.error.FFmpegError as exc:
+        raise _ffmpeg_refused(exc, decoded=False) from exc
+    with demuxer:
+        streams = demuxer.streams.audio
+        if not streams:
+            raise InvalidAudio("no_audio_stream", "the file has no audio stream")
+        stream = streams[0]
+        codec = stream.codec_context
+        if codec is None:  # FFmpeg has no decoder for it (e.g. a WAV header with 0 bits/sample)
+            raise InvalidAudio("unsupported_codec", "the audio codec is unknown")
+        if codec.name not in _CODECS:
+            raise InvalidAudio("unsupported_codec", f"audio codec {codec.name!r} is not accepted")
+        _check_shape(codec.sample_rate, codec.channels)  # what the header says; each frame is checked again
+        opus = _libopus() if codec.name == "opus" else None
+        head = bytes(codec.extradata or b"")
         if opus is not None and _opus_head_is_plain(head):
-            pre_skip = int.from_bytes(head[10:12], "little")
-            with library:
-                audio = _decode_opus(opus, demuxer, stream, max_audio_s, pre_skip)
-            library.decoded = True
+            audio = _decode_opus(opus, demuxer, stream, max_audio_s, int.from_bytes(head[10:12], "little"))
             seconds = len(audio) / SAMPLE_RATE
         else:
-            audio, seconds = _decode_frames(demuxer, stream, max_audio_s, library)
-        with library:
-            declared_s = demuxer.duration / 1e6 if container == "webm" and demuxer.duration else None
-    finally:
-        with library:
-            demuxer.close()
+            audio, seconds = _decode_frames(demuxer, stream, max_audio_s)
+        declared_s = demuxer.duration / 1e6 if container == "webm" and demuxer.duration else None
     if declared_s and seconds < declared_s - _DECLARED_DURATION_SLACK_S:
         raise InvalidAudio("truncated", f"the file says it is {declared_s:.2f} s long but its audio stops earlier")
     return audio
 
 
-def _decode_frames(demuxer, stream, max_audio_s: float, library: _FFmpegErrors) -> tuple[np.ndarray, float]:
+def _decode_frames(demuxer, stream, max_audio_s: float) -> tuple[np.ndarray, float]:
     """FFmpeg's decoder, frame by frame into ``_Mono16k``: the 16 kHz samples and the seconds decoded."""
     audio = _Mono16k(max_audio_s)
     rate = 0
-    with library:
-        frames = demuxer.decode(stream)
-    while True:
-        try:  # ``with library``, without its two calls a frame
-            frame = next(frames, None)
-            if frame is None:
-                break
-            rate = frame.sample_rate or rate
-            samples = _frame_samples(frame)
-        except InvalidAudio:
-            raise
-        except library.ERRORS as exc:
-            raise library.translate(exc) from None
-        library.decoded = True
+    frames = demuxer.decode(stream)
+    decoded = False
+    while (frame := _next(frames, decoded)) is not None:
+        rate = frame.sample_rate or rate
+        samples = _frame_samples(frame)
+        decoded = True
         if rate <= 0:
             raise InvalidAudio("corrupt", "the stream gives no sample rate")
         audio.add(samples, rate)
@@ -388,7 +375,8 @@ def _decode_opus(lib: ctypes.CDLL, demuxer, stream, max_audio_s: float, pre_skip
     at the start, and the last packet's end trimming (within that packet) at the end. Long streams are decoded in
     two halves at once (see ``_OPUS_PREROLL_S``)."""
     packets = []
-    for packet in demuxer.demux(stream):
+    demuxed = demuxer.demux(stream)
+    while (packet := _next(demuxed, decoded=False)) is not None:
         if packet.size:
             packets.append(packet)
             if len(packets) > max_audio_s / _OPUS_MIN_FRAME_S:
