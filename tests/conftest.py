@@ -90,7 +90,7 @@ def make_settings(redis_url: str, asr_cache_dir: Path, **overrides: object) -> S
         "TORCH_THREADS": 1,
         "WORKER_CONCURRENCY": WORKER_PROCESSES,
     }
-    return Settings.from_env(**{**values, **overrides})
+    return Settings(**{**values, **overrides})
 
 
 @pytest.fixture(scope="session")

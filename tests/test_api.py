@@ -160,4 +160,5 @@ def test_unknown_route_and_method_are_json(client):
 def test_index_page(client):
     response = client.get("/")
     assert response.status_code == 200
-    assert b"MediaRecorder" in response.data
+    assert b'<script src="/static/app.js"' in response.data
+    assert b"MediaRecorder" in client.get("/static/app.js").data

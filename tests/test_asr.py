@@ -157,7 +157,8 @@ def test_gpu_fp16_matches_cpu_single_and_batched():
     from worker.asr import infer_batch
     from worker.audio import decode
 
-    clips = [decode((DATA / f"{w}.webm").read_bytes()) for w in ("marhaba", "shukran", "kitab", "madrasa")]
+    words = ("marhaba", "shukran", "kitab", "madrasa")
+    clips = [decode((DATA / f"{w}.webm").read_bytes(), max_audio_s=30) for w in words]
     cpu = load_model(str(BUNDLED_MODEL_DIR), device=torch.device("cpu"), backend="torch-fp32")
     gpu = load_model(str(BUNDLED_MODEL_DIR), device=select_device(0), backend="auto")
     assert gpu.device.type == "cuda" and gpu.backend == "torch-fp16"

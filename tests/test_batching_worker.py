@@ -13,6 +13,8 @@ from worker.asr import load_model
 from worker.model import build_decoder
 from worker.pipeline import transcribe_bytes
 
+pytestmark = pytest.mark.integration
+
 CLIPS = ["marhaba.webm", "shukran.webm", "sabah_alkhayr.webm", "marhaba.ogg", "shukran.mp3", "kitab.wav"]
 
 

@@ -62,6 +62,7 @@ def test_evaluate_reports_accuracy_on_the_fixtures():
 
 
 @pytest.mark.usefixtures("worker")
+@pytest.mark.integration
 def test_backfill_a_folder_through_the_running_service(app, tmp_path):
     folder = tmp_path / "archive"
     (folder / "sub").mkdir(parents=True)

@@ -121,16 +121,16 @@ def test_build_decoder_follows_the_settings(tiny_wav2vec2, tmp_path):
     from worker.model import build_decoder
 
     model = load_model(str(tiny_wav2vec2))
-    assert build_decoder(model, Settings.from_env(ASR_BEAM_SIZE=1)) is None
-    assert build_decoder(model, Settings.from_env(ASR_LEXICON="none")).lexicon is None
-    default = build_decoder(model, Settings.from_env())
+    assert build_decoder(model, Settings(ASR_BEAM_SIZE=1)) is None
+    assert build_decoder(model, Settings(ASR_LEXICON="none")).lexicon is None
+    default = build_decoder(model, Settings())
     assert default.lexicon is not None and default.lexicon.is_word("الكتاب") and default.beam_size == 12
     words = tmp_path / "words.txt"
     words.write_text("كتاب\n", encoding="utf-8")
-    own = build_decoder(model, Settings.from_env(ASR_LEXICON=str(words), ASR_LEXICON_PENALTY=4.0))
+    own = build_decoder(model, Settings(ASR_LEXICON=str(words), ASR_LEXICON_PENALTY=4.0))
     assert own.lexicon.words == ["كتاب"] and own.oov_penalty == 4.0
     with pytest.raises(FileNotFoundError):  # a mistyped path fails the load loudly instead of decoding without it
-        build_decoder(model, Settings.from_env(ASR_LEXICON=str(tmp_path / "missing.txt")))
+        build_decoder(model, Settings(ASR_LEXICON=str(tmp_path / "missing.txt")))
 
 
 def test_a_latin_vocabulary_gets_no_arabic_word_list(caplog):
@@ -143,5 +143,5 @@ def test_a_latin_vocabulary_gets_no_arabic_word_list(caplog):
     vocabulary = model.vocabulary
     latin = replace(model, vocabulary=Vocabulary.from_tokens(tokens, vocabulary.blank_id, "|", vocabulary.skip_ids))
     with caplog.at_level(logging.WARNING, logger="worker.model"):
-        dec = build_decoder(latin, Settings.from_env())
+        dec = build_decoder(latin, Settings())
     assert dec is not None and dec.lexicon is None and "not Arabic" in caplog.text

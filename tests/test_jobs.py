@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import redis
 
@@ -14,7 +12,7 @@ from shared.schema import JobError, JobStatus
 
 @pytest.fixture()
 def store(settings) -> JobStore:
-    s = dataclasses.replace(settings, REDIS_URL=settings.REDIS_URL.rsplit("/", 1)[0] + "/2", MAX_ATTEMPTS=2)
+    s = settings.replace(REDIS_URL=settings.REDIS_URL.rsplit("/", 1)[0] + "/2", MAX_ATTEMPTS=2)
     client = redis.Redis.from_url(s.REDIS_URL)
     client.flushdb()
     return JobStore(client, s)

@@ -40,6 +40,7 @@ def test_a_stale_heartbeat_is_not_a_loaded_model(lone_redis):
     assert status == 503 and body["model_processes"] == 0 and body["redis"] is True
 
 
+@pytest.mark.integration
 def test_worker_whose_processes_cannot_load_the_model_is_not_ready(lone_redis, tmp_path):
     """A bad ASR_MODEL: Celery's parent answers pings while its children fail to start; /readyz must say so."""
     settings = Settings(REDIS_URL=lone_redis, ASR_MODEL=str(tmp_path / "no-such-model"), QUEUE="readiness-test",
