@@ -115,6 +115,49 @@ def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # not reached
 
 
+# ---------------------------------------------------------------------------------------------------- keys
+def _rate(value: str) -> int:
+    """``N`` or ``N/min`` requests per minute."""
+    number = value.removesuffix("/min").strip()
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"expected N or N/min, not {value!r}")
+    return int(number)
+
+
+def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """Create, list and revoke API keys (stored in Redis as a hash; a new key is printed once)."""
+    import redis
+
+    from shared.access import KeyStore, Limits
+
+    _require_redis(settings)
+    store = KeyStore(redis.Redis.from_url(settings.REDIS_URL))
+    if args.action == "create":
+        limits = Limits(
+            settings.RATE_LIMIT_PER_MIN if args.rate is None else args.rate,
+            settings.MAX_INFLIGHT if args.max_inflight is None else args.max_inflight,
+            settings.AUDIO_S_PER_DAY if args.audio_s_per_day is None else args.audio_s_per_day,
+        )
+        try:
+            record, secret = store.create(args.name, limits)
+        except ValueError as exc:
+            print(f"arabic-words: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(record.public(), ensure_ascii=False), file=sys.stderr)
+        print(secret)  # alone on stdout, so `KEY=$(arabic-words keys create app)` works; it is not shown again
+        return 0
+    if args.action == "list":
+        for record in store.list():
+            print(json.dumps(record.public(), ensure_ascii=False))
+        return 0
+    revoked = store.revoke(args.name)
+    for record in revoked:
+        print(json.dumps(record.public() | {"revoked": True}, ensure_ascii=False))
+    if not revoked:
+        print(f"arabic-words: no live key with the id or name {args.name!r}", file=sys.stderr)
+    return 0 if revoked else 1
+
+
 # ---------------------------------------------------------------------------------------------- transcribe
 def _load(settings: Settings):
     from worker.asr import select_device
@@ -249,6 +292,20 @@ def main(argv: list[str] | None = None) -> int:
         "worker", help="a Celery worker that loads the model and runs jobs; more `celery worker` options may follow"
     ).set_defaults(func=cmd_worker)
     sub.add_parser("flower", help="Flower, the Celery monitor, on FLOWER_PORT").set_defaults(func=cmd_flower)
+
+    keys = sub.add_parser("keys", help="API keys: create NAME | list | revoke NAME-OR-ID").add_subparsers(
+        dest="action", required=True
+    )
+    p = keys.add_parser("create", help="print a new key (once); limits default to the settings'")
+    p.add_argument("name")
+    p.add_argument("--rate", type=_rate, help="requests per minute, N or N/min (0 = no limit)")
+    p.add_argument("--max-inflight", type=int, help="jobs not yet finished at once (0 = no limit)")
+    p.add_argument("--audio-s-per-day", type=float, help="seconds of audio per UTC day (0 = no limit)")
+    p.set_defaults(func=cmd_keys)
+    keys.add_parser("list", help="one JSON line per key (never the key itself)").set_defaults(func=cmd_keys)
+    p = keys.add_parser("revoke", help="revoke a key by id, or every live key with this name")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("transcribe", help="transcribe files without the queue; one JSON line per file")
     p.add_argument("files", nargs="+")

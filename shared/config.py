@@ -5,6 +5,7 @@ naming the variable (``ConfigError``), not when some code path first uses it."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -105,6 +106,21 @@ class Settings(BaseSettings):
     FLOWER_BASIC_AUTH_FILE: str = ""
     LOG_LEVEL: LogLevel = "INFO"
 
+    # ----------------------------------------------------------------------------------- access and limits
+    # API keys (`arabic-words keys create`, sent as `Authorization: Bearer <key>`): `required`, `off`, or `auto`:
+    # required whenever HOST is not a loopback address (a container, a server), off on 127.0.0.1 (`make run`).
+    AUTH_MODE: Literal["auto", "required", "off"] = "auto"
+    # Limits of a key created without its own, and of each client address when auth is off (the local machine,
+    # a loopback address, is not limited then). 0 = no limit. Requests per minute (a token bucket)...
+    RATE_LIMIT_PER_MIN: int = Field(120, ge=0)
+    # ...jobs not yet final at once...
+    MAX_INFLIGHT: int = Field(20, ge=0)
+    # ...and seconds of transcribed audio per UTC day.
+    AUDIO_S_PER_DAY: float = Field(3600.0, ge=0)
+    # Origins allowed to call the API from a browser (CORS), comma-separated, e.g. "https://app.example.org";
+    # empty = none (the page this server serves needs none).
+    CORS_ORIGINS: str = ""
+
     # ------------------------------------------------------------------------------------------ fault injection
     # For the chaos suite (docs/chaos.md); 0 = off, the default. Each delays one step so that a fault from outside
     # (SIGKILL, a Redis stop) lands at that moment, or makes a forward pass hang:
@@ -131,17 +147,20 @@ class Settings(BaseSettings):
         """A copy with ``changes``, validated like the original."""
         return type(self)(**{**self.model_dump(), **changes})
 
-    @classmethod
-    def from_env(cls, **overrides: object) -> Settings:  # transitional alias, removed once callers use Settings()
-        return cls(**overrides)
-
-    def as_dict(self) -> dict:  # transitional alias
-        return self.model_dump()
-
     def as_env(self) -> dict[str, str]:
         """Every setting as the environment variable that gives it (for the processes ``arabic-words run`` and the
         tests start)."""
         return {name: str(value) for name, value in self.model_dump().items()}
+
+    @property
+    def auth_required(self) -> bool:
+        if self.AUTH_MODE != "auto":
+            return self.AUTH_MODE == "required"
+        return not _is_loopback(self.HOST)
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.CORS_ORIGINS.split(",") if origin.strip()]
 
     @property
     def state_dir(self) -> Path:
@@ -157,6 +176,15 @@ class Settings(BaseSettings):
         # message delivered to a worker that died before claiming its job waits to be handed out again (a claimed
         # job is taken back by the reaper within seconds).
         return max(300, self.TASK_TIME_LIMIT_S * 2)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # never echoed in an error message (logs are read by more people than the secrets are meant for)

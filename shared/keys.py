@@ -13,6 +13,32 @@ def upload(job_id: str) -> str:
     return f"{PREFIX}:upload:{job_id}"
 
 
+def api_key(digest: str) -> str:
+    """Hash: one API key's id, name, limits and state, under the SHA-256 of the key (the key itself is never
+    stored)."""
+    return f"{PREFIX}:apikey:{digest}"
+
+
+def api_key_index() -> str:
+    """Hash: key id -> digest, for listing and revoking keys by id or name."""
+    return f"{PREFIX}:apikeys"
+
+
+def rate_bucket(subject: str) -> str:
+    """Hash: a client's token bucket (tokens, updated_at); ``subject`` is "key:<id>" or "addr:<address>"."""
+    return f"{PREFIX}:bucket:{subject}"
+
+
+def inflight(subject: str) -> str:
+    """Sorted set: a client's jobs not yet final -> the time by which they surely are (stale members drop out)."""
+    return f"{PREFIX}:inflight:{subject}"
+
+
+def usage_prefix(subject: str) -> str:
+    """Prefix of a client's daily audio counters (milliseconds); the UTC day number (unix time // 86400) follows."""
+    return f"{PREFIX}:usage:{subject}:"
+
+
 def job_done_channel(job_id: str) -> str:
     """Pub/sub channel a worker publishes to when the job reaches a final state (wakes long-polls)."""
     return f"{PREFIX}:done:{job_id}"

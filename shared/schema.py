@@ -29,6 +29,11 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     SERVICE_UNAVAILABLE = "service_unavailable"
     QUEUE_FULL = "queue_full"
+    UNAUTHORIZED = "unauthorized"
+    KEY_REVOKED = "key_revoked"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_INFLIGHT = "too_many_inflight"
+    QUOTA_EXCEEDED = "quota_exceeded"
     INTERNAL = "internal_error"
     # job-level
     INVALID_AUDIO = "invalid_audio"

@@ -9,6 +9,7 @@ import redis
 from celery import Celery
 from flask import Flask, current_app
 
+from shared.access import KeyStore, Limiter
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.queue import make_celery
@@ -26,6 +27,8 @@ class Services:
     store: JobStore
     waiter: JobWaiter  # ?wait= long-polls: one pub/sub listener per process, started on first use
     celery: Celery  # sends tasks only
+    keys: KeyStore  # API keys (web/auth.py)
+    limiter: Limiter  # per-client limits
 
 
 def services(app: Flask | None = None) -> Services:
@@ -42,19 +45,24 @@ def create_app(config: Settings | dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES + _MULTIPART_OVERHEAD
     app.json.ensure_ascii = False  # Arabic text stays readable in responses
-    store = JobStore(redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30), settings)
+    client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    store = JobStore(client, settings)
     app.extensions["arabic_words"] = Services(
         settings=settings,
         store=store,
         waiter=JobWaiter(store),
         celery=make_celery(settings, main="arabic_words_web"),
+        keys=KeyStore(client),
+        limiter=Limiter(client),
     )
     logging.getLogger(__name__).setLevel(settings.LOG_LEVEL)
 
+    from web import auth
     from web.api import bp as api_bp
     from web.errors import register_error_handlers
     from web.pages import bp as pages_bp
 
+    auth.install(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(pages_bp)
     register_error_handlers(app)

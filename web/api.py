@@ -15,11 +15,14 @@ from shared.config import Settings
 from shared.jobs import JobStore
 from shared.queue import enqueue
 from shared.schema import ErrorCode
-from web import services
+from web import auth, services
 from web.errors import ApiError
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
+bp.before_request(auth.check_access)  # who is calling, and their limits (web/auth.py)
+bp.after_request(auth.rate_headers)
+bp.teardown_request(auth.release_unused)
 
 MAX_EXPECTED_CHARS = 500
 _RAW_TYPES = ("audio/", "video/webm", "video/ogg", "video/mp4", "application/octet-stream", "application/ogg")
@@ -79,7 +82,11 @@ def create_transcription():
     data = _read_upload(settings.MAX_UPLOAD_BYTES)
     expected = _read_expected()
     _admit(store, settings)
-    job = store.create(data, expected=expected)
+    caller = auth.client()
+    job = store.create(
+        data, expected=expected, job_id=auth.reserved_job_id(), subject=caller.counted,
+        key_id=caller.key.id if caller.key else "",
+    )  # fmt: skip
     if settings.FAULT_PAUSE_BEFORE_PUBLISH_S > 0:  # fault injection (chaos suite): off by default
         time.sleep(settings.FAULT_PAUSE_BEFORE_PUBLISH_S)
     try:
@@ -94,8 +101,9 @@ def create_transcription():
             "the queue is unavailable; the upload was not accepted, retry later",
             retry_after_s=5,
         ) from exc
+    auth.created()
     url = url_for("api.get_transcription", job_id=job.id)
-    log.info("job queued job_id=%s bytes=%d", job.id, len(data))
+    log.info("job queued job_id=%s bytes=%d subject=%s", job.id, len(data), caller.subject)
     response = jsonify({"id": job.id, "status": job.status.value, "url": url})
     return response, 202, {"Location": url}
 
@@ -115,9 +123,11 @@ def get_transcription(job_id: str):
             raise ApiError(
                 400, ErrorCode.INVALID_WAIT, f"'wait' must be a number of seconds from 0 to {settings.MAX_WAIT_S:g}"
             )
-    job = app.waiter.wait(job_id, wait_s) if wait_s > 0 else app.store.get(job_id)
-    if job is None:
+    job = app.store.get(job_id)
+    if job is None or not auth.owns(job):  # another key's job does not exist for this one (ids are not probeable)
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no transcription job {job_id!r} (unknown or expired)")
+    if wait_s > 0 and not job.status.is_final:
+        job = app.waiter.wait(job_id, wait_s) or job
     return jsonify(job.public())
 
 

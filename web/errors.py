@@ -15,13 +15,23 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: ErrorCode, message: str, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
+        self.headers = headers or {}
 
 
-def error_response(status: int, code: str, message: str, retry_after_s: int | None = None):
-    headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else {}
+def error_response(status: int, code: str, message: str, retry_after_s: int | None = None, headers=None):
+    headers = dict(headers or {})
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     return jsonify({"error": {"code": code, "message": message}}), status, headers
 
 
@@ -36,7 +46,7 @@ _HTTP_CODES = {
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        return error_response(exc.status, exc.code.value, exc.message, exc.retry_after_s)
+        return error_response(exc.status, exc.code.value, exc.message, exc.retry_after_s, exc.headers)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
