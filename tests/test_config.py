@@ -109,3 +109,18 @@ def test_web_worker_and_flower_need_redis_url():
 def test_only_the_worker_takes_extra_options():
     done = _cli("transcribe", "x.wav", "--concurrency", "2")
     assert done.returncode == 2 and "unrecognized arguments: --concurrency 2" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("ASR_MODEL", "/nonexistent/checkpoint", "could not be loaded"),
+        ("ASR_LEXICON", "/nonexistent.txt", "could not be read"),
+    ],
+)
+def test_a_model_or_word_list_that_cannot_load_is_one_line_naming_it(tmp_path, name, value, says):
+    env = {name: value, "HOME": str(tmp_path), "ASR_BACKEND": "torch-fp32"}
+    done = _cli("transcribe", str(ROOT / "tests" / "data" / "kitab.webm"), **env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(f"arabic-words: {name}={value!r} {says}: ")

@@ -20,6 +20,7 @@ import soundfile as sf
 import torch
 from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoModelForCTC, AutoProcessor
+from transformers.utils import logging as transformers_logging
 
 from worker import backends
 from worker.audio import SAMPLE_RATE
@@ -75,6 +76,7 @@ def load_model(
     # torch or ONNX Runtime and the decoder need next: one thread. Bundled model, 2 cores, a 2.2 s clip inferred back
     # to back (medians): torch fp32 47 -> 16 ms, torch int8 90 -> 15 ms, ONNX fp32 30 -> 13 ms.
     threadpool_limits(limits=1, user_api="blas")
+    transformers_logging.disable_progress_bar()  # a worker's log and a CLI's stderr are not terminals
     if device.type == "cuda" and backend in (Backend.AUTO, Backend.TORCH_INT8):
         backend = Backend.TORCH_FP16  # dynamic int8 is a CPU technique
     if device.type != "cuda" and backend is Backend.TORCH_FP16:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from shared.config import Settings
+from shared.config import ConfigError, Settings
 from worker.asr import LoadedModel, load_model
 from worker.decoding import BeamDecoder
 from worker.lexicon import Lexicon
@@ -19,17 +19,33 @@ log = logging.getLogger(__name__)
 MIN_ARABIC_SHARE = 0.8  # of a vocabulary's letters, for the Arabic word list to apply
 
 
+class ModelLoadError(ConfigError):
+    """ASR_MODEL or ASR_LEXICON names something that cannot be loaded (a missing directory, an unknown hub id
+    without internet, a missing word list); the message is one line naming the setting."""
+
+
 def load_configured_model(settings: Settings, device: torch.device) -> LoadedModel:
     """The model, backend, cache and decoder the settings name (the worker and `arabic-words transcribe` and
     `evaluate` all use it)."""
-    model = load_model(
-        settings.ASR_MODEL,
-        device=device,
-        threads=settings.TORCH_THREADS,
-        backend=settings.ASR_BACKEND,
-        cache_dir=Path(settings.ASR_CACHE_DIR) if settings.ASR_CACHE_DIR else None,
-    )
-    return replace(model, decoder=build_decoder(model, settings))
+    try:
+        model = load_model(
+            settings.ASR_MODEL,
+            device=device,
+            threads=settings.TORCH_THREADS,
+            backend=settings.ASR_BACKEND,
+            cache_dir=Path(settings.ASR_CACHE_DIR) if settings.ASR_CACHE_DIR else None,
+        )
+    except OSError as exc:  # from_pretrained's way of saying the checkpoint is not there (local or on the hub)
+        raise ModelLoadError(f"ASR_MODEL={settings.ASR_MODEL!r} could not be loaded: {_first_line(exc)}") from exc
+    try:
+        decoder = build_decoder(model, settings)
+    except OSError as exc:
+        raise ModelLoadError(f"ASR_LEXICON={settings.ASR_LEXICON!r} could not be read: {_first_line(exc)}") from exc
+    return replace(model, decoder=decoder)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def build_decoder(model: LoadedModel, settings: Settings) -> BeamDecoder | None:
