@@ -94,13 +94,13 @@ def _is_loopback(address: str) -> bool:
 
 
 def check_access() -> None:
-    """Before every API request: who it is, and one request of their rate; an upload also reserves a place among
-    their jobs in flight (under the job id it will get) and checks their daily audio."""
+    """Before every API request (register it on each ``/v1`` blueprint): who it is, and one request of their rate;
+    a POST (an upload) also reserves a place among their jobs in flight, under the job id it will get
+    (``reserved_job_id``), and checks their daily audio."""
     if request.method == "OPTIONS" or not request.path.startswith("/v1/"):  # a CORS preflight; health checks
         return
     g.client = caller = _identify()
-    creates_job = request.endpoint == "api.create_transcription" and request.method == "POST"
-    job_id = new_id() if creates_job else ""
+    job_id = new_id() if request.method == "POST" else ""  # every POST under /v1 submits a job
     if caller.limits != Limits():  # an unlimited client (the local machine with auth off) costs no Redis call
         settings = services().settings
         hold_s = settings.UPLOAD_TTL_S + settings.TASK_TIME_LIMIT_S * settings.MAX_ATTEMPTS
