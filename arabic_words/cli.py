@@ -14,13 +14,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from arabic_words.processes import SERVICES, command, exec_service, flower_argv, run_worker, web_argv
 from shared.config import ConfigError, Settings
 
-AUDIO_SUFFIXES = {".webm", ".weba", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".mp4", ".aac", ".wav", ".flac"}
 log = logging.getLogger("arabic_words")
 
 
@@ -239,48 +237,27 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ backfill
-def _post_and_wait(url: str, path: Path, timeout_s: float) -> dict:
-    content_type = "audio/" + ({"m4a": "mp4", "weba": "webm", "oga": "ogg"}.get(path.suffix[1:], path.suffix[1:]))
-    request = urllib.request.Request(
-        f"{url}/v1/transcriptions", data=path.read_bytes(), headers={"Content-Type": content_type}, method="POST"
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    """Send a folder's recordings (or a manifest's) to a running service; one record per file; resumable."""
+    from arabic_words import backfill
+
+    options = backfill.Options(
+        url=args.url,
+        out=Path(args.out),
+        directory=Path(args.directory) if args.directory else None,
+        manifest=Path(args.manifest) if args.manifest else None,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+        retries=args.retries,
+        api_key=args.api_key or None,
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            job = json.load(response)
-    except urllib.error.HTTPError as exc:
-        return {"file": str(path), "status": "rejected", "error": json.load(exc).get("error")}
-    deadline = time.monotonic() + timeout_s
-    while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{url}{job['url']}?wait=20", timeout=30) as response:
-            job = json.load(response)
-    return {"file": str(path), **job}
-
-
-def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    """Send every recording under a folder to a running service; one JSON line per file; resumable."""
-    from tqdm import tqdm
-
-    files = sorted(p for p in Path(args.directory).rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-    out_path = Path(args.out)
-    done = set()
-    if out_path.exists():
-        for line in out_path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            if record.get("status") == "succeeded":
-                done.add(record["file"])
-    todo = [p for p in files if str(p) not in done]
-    failed = 0
-    with out_path.open("a", encoding="utf-8") as out, ThreadPoolExecutor(args.concurrency) as pool:
-        progress = tqdm(total=len(todo), unit="file", desc="backfill", initial=0)
-        for record in pool.map(lambda p: _post_and_wait(args.url.rstrip("/"), p, args.timeout), todo):
-            failed += record.get("status") != "succeeded"
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            progress.update(1)
-            progress.set_postfix(failed=failed)
-        progress.close()
-    print(f"{len(todo) - failed} succeeded, {failed} failed, {len(done)} already done -> {out_path}", file=sys.stderr)
-    return 1 if failed else 0
+        summary = backfill.run(options)
+    except backfill.BackfillError as exc:
+        print(f"arabic-words: {exc}", file=sys.stderr)
+        return 2
+    print(summary.line(), file=sys.stderr)
+    return summary.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,12 +296,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("backfill", help="send a folder of recordings to a running service, with a progress bar")
-    p.add_argument("directory")
+    p = sub.add_parser(
+        "backfill", help="send a folder of recordings (or a manifest's) to a running service, with a progress bar"
+    )
+    p.add_argument("directory", nargs="?", help="walked for audio files (or give --manifest)")
+    p.add_argument(
+        "--manifest",
+        metavar="FILE.tsv",
+        help="'path<TAB>expected text' lines (paths relative to its folder); instead of DIRECTORY",
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--out", default="backfill.jsonl", help="JSON lines, appended; files already done are skipped")
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument(
+        "--out",
+        default="backfill.jsonl",
+        help="records, appended: CSV if it ends in .csv, else JSON lines; files done are skipped",
+    )
+    p.add_argument("--concurrency", type=int, default=4, help="uploads in flight at once")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one job")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=8,
+        help="retries per request on connection errors, timeouts, 5xx and 429 (backoff, Retry-After)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("ARABIC_WORDS_API_KEY", ""),
+        help="sent as 'Authorization: Bearer KEY' (default: $ARABIC_WORDS_API_KEY, which keeps it "
+        "off the command line)",
+    )
     p.set_defaults(func=cmd_backfill)
 
     args, args.celery_options = parser.parse_known_args(argv)

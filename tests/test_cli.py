@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import soundfile
 from werkzeug.serving import make_server
 
 from shared.redis_server import free_port
@@ -64,13 +65,17 @@ def test_evaluate_reports_accuracy_on_the_fixtures():
 @pytest.mark.usefixtures("worker")
 @pytest.mark.integration
 def test_backfill_a_folder_through_the_running_service(app, tmp_path):
+    """The command as a user runs it: a folder walked (an AIFF among the formats), a job that fails recorded with
+    its code, a summary, exit 1; run again, it sends only what did not succeed (arabic_words/backfill.py)."""
     folder = tmp_path / "archive"
     (folder / "sub").mkdir(parents=True)
     for name in ("kitab.mp3", "shukran.ogg"):
         shutil.copy(DATA / name, folder / name)
     shutil.copy(DATA / "madrasa.m4a", folder / "sub" / "madrasa.m4a")
+    audio, rate = soundfile.read(DATA / "marhaba.wav")
+    soundfile.write(folder / "marhaba.aiff", audio, rate, format="AIFF", subtype="PCM_16")
     (folder / "notes.txt").write_text("not audio")
-    (folder / "broken.wav").write_bytes(b"RIFF\0\0\0\0WAVE" + bytes(64))
+    (folder / "broken.wav").write_bytes(b"RIFF\0\0\0\0WAVE" + bytes(64))  # accepted at upload; the job fails
 
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -80,16 +85,23 @@ def test_backfill_a_folder_through_the_running_service(app, tmp_path):
         url = f"http://127.0.0.1:{server.server_port}"
         first = run_cli("backfill", str(folder), "--url", url, "--out", str(out))
         assert first.returncode == 1  # broken.wav failed
-        records = {r["file"].rsplit("/", 1)[-1]: r for r in map(json.loads, out.read_text().splitlines())}
-        assert set(records) == {"kitab.mp3", "shukran.ogg", "madrasa.m4a", "broken.wav"}
+        records = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+        assert set(records) == {"kitab.mp3", "shukran.ogg", "madrasa.m4a", "marhaba.aiff", "broken.wav"}
         assert records["broken.wav"]["status"] == "failed"
         assert records["broken.wav"]["error"]["code"] == "invalid_audio"
-        for name in ("kitab.mp3", "shukran.ogg", "madrasa.m4a"):
+        assert records["broken.wav"]["id"]  # it was accepted: its job failed
+        for name in ("kitab.mp3", "shukran.ogg", "madrasa.m4a", "marhaba.aiff"):
             assert records[name]["status"] == "succeeded"
             assert is_model_text(records[name]["result"]["text"])
+            assert Path(records[name]["file"]).is_absolute()
+            assert records[name]["size"] == Path(records[name]["file"]).stat().st_size
+        assert records["marhaba.aiff"]["result"]["text"] == TRANSCRIPTS["marhaba.wav"]
         assert "backfill" in first.stderr  # the progress bar
+        assert "4 succeeded, 1 failed (invalid_audio: 1), 0 skipped (already done)" in first.stderr
+        assert str(out) in first.stderr
         second = run_cli("backfill", str(folder), "--url", url, "--out", str(out))  # resumes: only the failure
-        assert len(out.read_text().splitlines()) == 5
-        assert "3 already done" in second.stderr
+        assert second.returncode == 1
+        assert len(out.read_text().splitlines()) == 6
+        assert "0 succeeded, 1 failed (invalid_audio: 1), 4 skipped (already done)" in second.stderr
     finally:
         server.shutdown()
