@@ -53,9 +53,11 @@ class WebStack:
 
 
 @contextlib.contextmanager
-def web_stack(tmp_dir: Path, *, redis_url: str | None = None, start_timeout_s: float = 30) -> Iterator[WebStack]:
+def web_stack(
+    tmp_dir: Path, *, redis_url: str | None = None, start_timeout_s: float = 30, **overrides: object
+) -> Iterator[WebStack]:
     """A redis-server (unless ``redis_url``) and the web server as ``arabic-words run`` starts it, on loopback ports;
-    no worker. Stopped (quick shutdown: open long-polls are cut) on the way out."""
+    no worker. ``overrides``: more settings. Stopped (quick shutdown: open long-polls are cut) on the way out."""
     from arabic_words.processes import command, web_argv
 
     redis_proc = None
@@ -64,8 +66,9 @@ def web_stack(tmp_dir: Path, *, redis_url: str | None = None, start_timeout_s: f
         redis_proc = start_redis(redis_port, tmp_dir / "redis", persistent=False)
         redis_url = f"redis://{HOST}:{redis_port}/0"
     settings = Settings(
-        REDIS_URL=redis_url, HOST=HOST, PORT=free_port(), QUEUE="bench-longpoll", LOG_LEVEL="WARNING"
-    )  # loopback only: this is a load generator's target
+        **{"QUEUE": "bench-longpoll", "LOG_LEVEL": "WARNING", **overrides,
+           "REDIS_URL": redis_url, "HOST": HOST, "PORT": free_port()}
+    )  # loopback only, whatever the overrides: this is a load generator's target  # fmt: skip
     web_command, env = command("web"), {**os.environ, **settings.as_env()}
     log_path = tmp_dir / "gunicorn.log"
     with log_path.open("w") as log_file:
