@@ -145,3 +145,28 @@ def test_a_latin_vocabulary_gets_no_arabic_word_list(caplog):
     with caplog.at_level(logging.WARNING, logger="worker.model"):
         dec = build_decoder(latin, Settings())
     assert dec is not None and dec.lexicon is None and "not Arabic" in caplog.text
+
+
+def test_a_request_vocabulary_boosts_its_words():
+    # the audio spells مرحبى a little more than مرحبا; a word list tips it, and so does a course's own vocabulary
+    assert decode(AMBIGUOUS_END, decoder().with_hotwords(["مَرْحَبًا"])) == "مرحبا"
+    listed = decoder(Lexicon(["مرحب"]))
+    assert decode(AMBIGUOUS_END, listed.with_hotwords(["مرحبى"])) == "مرحبى"  # the request's word beats the list's
+    clear = frames(*spelled(K, T, ALEF, B, peak=0.99))
+    assert decode(clear, decoder().with_hotwords(["مرحبا"])) == "كتاب"  # what the audio clearly says is not forced
+
+
+def test_a_request_vocabulary_on_real_speech():
+    from pathlib import Path
+
+    from worker.pipeline import forward, preprocess
+    from worker.pipeline import postprocess as pipeline_postprocess
+
+    data = (Path(__file__).parent / "data" / "madrasa.webm").read_bytes()
+    model = load_model(str(BUNDLED_MODEL_DIR), backend="torch-fp32")
+    audio = preprocess(data, max_audio_s=30)
+    log_probs, _ = forward(model, audio)
+    assert pipeline_postprocess(model, audio, log_probs).text == "مدرسة"  # greedy: no decoder on this model
+    # مضرسة (not a word) was the beam's runner-up: a vocabulary naming it tips the choice, even for a greedy model
+    assert pipeline_postprocess(model, audio, log_probs, vocabulary=["مضرسة"]).text == "مضرسة"
+    assert pipeline_postprocess(model, audio, log_probs, vocabulary=["كتاب", "شكرا"]).text == "مدرسة"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -244,6 +244,10 @@ class BeamDecoder:
     lexicon: Lexicon | None = None
     oov_penalty: float = 2.0
     beam_size: int = 12
+    # A request's own vocabulary (a course's words): a word from it ends with this bonus (natural log), and its
+    # spelling never counts as leaving the lexicon on the way (hotword boosting, as in Riva or speaches).
+    hotwords: Lexicon | None = None
+    hotword_bonus: float = 3.0
     prune_log_prob: float = -10.0  # labels less likely than e^-10 in a frame are not tried there
 
     @classmethod
@@ -261,17 +265,32 @@ class BeamDecoder:
         arabic = [s for s in writing if is_model_text(s)]
         return len(arabic) / max(len(writing), 1)
 
+    def with_hotwords(self, words: list[str], bonus: float | None = None) -> BeamDecoder:
+        """This decoder, preferring ``words`` (normalized like the model's letters; clitics and endings allowed)."""
+        hotwords = Lexicon([normalize_arabic(w).replace(" ", "") for w in words])
+        return replace(self, hotwords=hotwords, hotword_bonus=self.hotword_bonus if bonus is None else bonus)
+
     def _word_score(self, word: str) -> float:
-        if self.lexicon is None or not word or self.lexicon.is_word(word):
+        if not word:
+            return 0.0
+        if self.hotwords is not None and self.hotwords.is_word(word):
+            return self.hotword_bonus
+        if self.lexicon is None or self.lexicon.is_word(word):
             return 0.0
         return -self.oov_penalty
+
+    def _in_lexicon(self, partial: str) -> bool:
+        """Whether a word being spelled may still become a listed (or boosted) word."""
+        if self.hotwords is not None and self.hotwords.is_prefix(partial):
+            return True
+        return self.lexicon is None or self.lexicon.is_prefix(partial)
 
     def search(self, log_probs: np.ndarray) -> list[tuple[list[int], float]]:
         """(frames, vocab) log-posteriors -> the beam's label sequences, best first, each with its share of the
         beam's probability (lexicon scores included; shares sum to 1). A label sequence is CTC-collapsed: no
         blanks, repeats kept only where a blank separated them, word delimiters included."""
         hyps: dict[tuple[int, ...], Hyp] = {(): [0.0, _NEG, 0.0, "", False]}
-        lexicon, vocabulary = self.lexicon, self.vocabulary
+        scored, vocabulary = self.lexicon is not None or self.hotwords is not None, self.vocabulary
         blank_id, delimiter_id, skip_ids = vocabulary.blank_id, vocabulary.delimiter_id, vocabulary.skip_ids
         n_labels = len(self.letters)  # an exported model may have logit columns past the vocabulary: never tried
         for row in log_probs:
@@ -301,7 +320,7 @@ class BeamDecoder:
                         continue
                     grown = word + self.letters[c]
                     penalty, left = 0.0, oov
-                    if lexicon is not None and not oov and grown and not lexicon.is_prefix(grown):
+                    if scored and not oov and grown and not self._in_lexicon(grown):
                         penalty, left = -self.oov_penalty, True  # charged once per word, as soon as it leaves
                     _merge(nxt, key + (c,), _NEG, source + p, lex + penalty, grown, left)
             ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(kv[1][0], kv[1][1]) + kv[1][2], reverse=True)

@@ -51,11 +51,17 @@ def forward(
         raise JobTimeout("no batch finished before the deadline") from None
 
 
-def postprocess(model: LoadedModel, audio: np.ndarray, log_probs: np.ndarray) -> Transcript:
+def postprocess(
+    model: LoadedModel, audio: np.ndarray, log_probs: np.ndarray, *, vocabulary: list[str] | None = None
+) -> Transcript:
     """``decoding.postprocess`` with the model's vocabulary, decoder and frame duration (from its config where it
-    says; else the clip's length over its frame count)."""
+    says; else the clip's length over its frame count). ``vocabulary``: words this request prefers (its beam search
+    boosts them, a beam search of the default width even where the model decodes greedily)."""
     per_frame = model.samples_per_frame or len(audio) / max(log_probs.shape[0], 1)
-    return decoding.postprocess(log_probs, model.vocabulary, frame_s=per_frame / SAMPLE_RATE, decoder=model.decoder)
+    decoder = model.decoder
+    if vocabulary:
+        decoder = (decoder or decoding.BeamDecoder.for_vocabulary(model.vocabulary)).with_hotwords(vocabulary)
+    return decoding.postprocess(log_probs, model.vocabulary, frame_s=per_frame / SAMPLE_RATE, decoder=decoder)
 
 
 def transcribe_bytes(
@@ -64,12 +70,14 @@ def transcribe_bytes(
     *,
     max_audio_s: float,
     expected: str | None = None,
+    vocabulary: list[str] | None = None,
     batcher: DynamicBatcher | None = None,
     before_forward: Callable[[], None] | None = None,
     deadline: float | None = None,
 ) -> TranscriptionResult:
-    """Decode and transcribe one upload. Raises ``worker.audio.InvalidAudio`` for bad input, ``JobTimeout`` past
-    ``deadline`` (a ``time.monotonic()`` value; checked between steps and while waiting for a batch).
+    """Decode and transcribe one upload (``vocabulary``: words to prefer, see ``postprocess``). Raises
+    ``worker.audio.InvalidAudio`` for bad input, ``JobTimeout`` past ``deadline`` (a ``time.monotonic()`` value;
+    checked between steps and while waiting for a batch).
 
     With a ``batcher`` the forward pass is shared with other jobs that arrive within its window (the batcher runs
     ``before_forward`` itself then). ``timings_ms`` holds decode, batch wait and inference (the forward pass and
@@ -81,7 +89,7 @@ def transcribe_bytes(
     t1 = time.perf_counter()
     log_probs, stats = forward(model, audio, batcher=batcher, before_forward=before_forward, deadline=deadline)
     _check(deadline)
-    transcript = postprocess(model, audio, log_probs)
+    transcript = postprocess(model, audio, log_probs, vocabulary=vocabulary)
     t2 = time.perf_counter()
     timings = {"decode": round((t1 - t0) * 1000, 2)}
     if batcher is not None:
