@@ -156,6 +156,36 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if revoked else 1
 
 
+def cmd_vocabulary(args: argparse.Namespace, settings: Settings) -> int:
+    """Word lists registered on the server, for requests that name one (``vocabulary=NAME``)."""
+    import redis
+
+    from shared.vocabularies import InvalidVocabulary, VocabularyStore
+
+    _require_redis(settings)
+    store = VocabularyStore(redis.Redis.from_url(settings.REDIS_URL))
+    if args.action == "add":
+        try:
+            words = store.add(args.name, Path(args.file).read_text(encoding="utf-8"))
+        except (InvalidVocabulary, OSError) as exc:
+            print(f"arabic-words: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"name": args.name, "words": len(words)}, ensure_ascii=False))
+        return 0
+    if args.action == "list":
+        for name, count in store.names().items():
+            print(json.dumps({"name": name, "words": count}, ensure_ascii=False))
+        return 0
+    if args.action == "show":
+        words = store.get(args.name)
+        print("\n".join(words or []))
+        return 0 if words is not None else 1
+    removed = store.remove(args.name)
+    if not removed:
+        print(f"arabic-words: no word list named {args.name!r}", file=sys.stderr)
+    return 0 if removed else 1
+
+
 # ---------------------------------------------------------------------------------------------- transcribe
 def _load(settings: Settings):
     from worker.asr import select_device
@@ -283,6 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     p = keys.add_parser("revoke", help="revoke a key by id, or every live key with this name")
     p.add_argument("name")
     p.set_defaults(func=cmd_keys)
+
+    vocab = sub.add_parser(
+        "vocabulary", help="word lists requests can name: add NAME FILE | list | show NAME | remove NAME"
+    ).add_subparsers(dest="action", required=True)
+    p = vocab.add_parser("add", help="register (or replace) a list: one word per line, or comma-separated")
+    p.add_argument("name")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_vocabulary)
+    vocab.add_parser("list", help="one JSON line per list: name, number of words").set_defaults(func=cmd_vocabulary)
+    for action in ("show", "remove"):
+        p = vocab.add_parser(action, help=f"{action} one list")
+        p.add_argument("name")
+        p.set_defaults(func=cmd_vocabulary)
 
     p = sub.add_parser("transcribe", help="transcribe files without the queue; one JSON line per file")
     p.add_argument("files", nargs="+")

@@ -21,7 +21,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import redis
@@ -192,6 +192,7 @@ class Job:
     queue: str = ""
     owner: str = ""  # the worker process holding it
     key_id: str = ""  # the API key that created it (none when auth is off)
+    vocabulary: list[str] = field(default_factory=list)  # words its beam search prefers
 
     def public(self) -> dict:
         """The API's view of a job."""
@@ -227,9 +228,11 @@ class JobStore:
         job_id: str | None = None,
         subject: str = "",
         key_id: str = "",
+        vocabulary: list[str] | None = None,
     ) -> Job:
         """Store a new queued job and its upload. ``job_id``: one reserved already (``new_id``); ``subject``: the
-        client whose limits it counts against (shared.access); ``key_id``: the API key that owns it."""
+        client whose limits it counts against (shared.access); ``key_id``: the API key that owns it; ``vocabulary``:
+        words its beam search prefers (shared.vocabularies)."""
         job_id = job_id or new_id()
         now = time.time()
         queue = queue or self.settings.QUEUE
@@ -240,12 +243,16 @@ class JobStore:
             fields["subject"] = subject
         if key_id:
             fields["key_id"] = key_id
+        if vocabulary:
+            fields["vocabulary"] = "\n".join(vocabulary)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.upload(job_id), data, ex=self.settings.UPLOAD_TTL_S)
             pipe.hset(keys.job(job_id), mapping=fields)
             pipe.expire(keys.job(job_id), self.settings.RESULT_TTL_S)
             pipe.execute()
-        return Job(job_id, JobStatus.QUEUED, now, 0, expected, None, None, queue, key_id=key_id)
+        return Job(
+            job_id, JobStatus.QUEUED, now, 0, expected, None, None, queue, key_id=key_id, vocabulary=vocabulary or []
+        )
 
     def load(self, queue: str) -> tuple[int, tuple[int, int]]:
         """(messages waiting in ``queue``, (bytes Redis uses, its maxmemory or 0)) for admission control. Celery's
@@ -266,18 +273,19 @@ class JobStore:
         raw = self.redis.hgetall(keys.job(job_id))
         if not raw or b"status" not in raw:
             return None
-        field = {k.decode(): v.decode() for k, v in raw.items()}
+        values = {k.decode(): v.decode() for k, v in raw.items()}
         return Job(
             id=job_id,
-            status=JobStatus(field["status"]),
-            created_at=float(field.get("created_at", 0)),
-            attempts=int(field.get("attempts", 0)),
-            expected=field.get("expected"),
-            result=json.loads(field["result"]) if "result" in field else None,
-            error=json.loads(field["error"]) if "error" in field else None,
-            queue=field.get("queue", self.settings.QUEUE),
-            owner=field.get("owner", ""),
-            key_id=field.get("key_id", ""),
+            status=JobStatus(values["status"]),
+            created_at=float(values.get("created_at", 0)),
+            attempts=int(values.get("attempts", 0)),
+            expected=values.get("expected"),
+            result=json.loads(values["result"]) if "result" in values else None,
+            error=json.loads(values["error"]) if "error" in values else None,
+            queue=values.get("queue", self.settings.QUEUE),
+            owner=values.get("owner", ""),
+            key_id=values.get("key_id", ""),
+            vocabulary=values["vocabulary"].split("\n") if values.get("vocabulary") else [],
         )
 
     def _keys(self, job_id: str) -> list[str]:

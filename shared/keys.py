@@ -24,6 +24,11 @@ def api_key_index() -> str:
     return f"{PREFIX}:apikeys"
 
 
+def vocabularies() -> str:
+    """Hash: name -> a word list registered on the server (one normalized word per line), for ``vocabulary=NAME``."""
+    return f"{PREFIX}:vocabularies"
+
+
 def rate_bucket(subject: str) -> str:
     """Hash: a client's token bucket (tokens, updated_at); ``subject`` is "key:<id>" or "addr:<address>"."""
     return f"{PREFIX}:bucket:{subject}"
