@@ -43,14 +43,22 @@ _LOOSE_MAP = str.maketrans({"ى": "ي", "ة": "ه", "ؤ": "و", "ئ": "ي"})
 # The 33 letters the bundled model writes (after strict normalization).
 ARABIC_LETTERS = "ءؤئابةتثجحخدذرزسشصضطظعغفقكلمنهوىي"
 
+# Invisible characters that shape or order text but are no part of a word: zero-width space, non-joiner and joiner
+# (U+200B-200D), left-to-right and right-to-left marks (U+200E/F), the Arabic letter mark (U+061C), bidi embeddings,
+# overrides and isolates (U+202A-202E, U+2066-2069), word joiner and invisible operators (U+2060-2064), the byte order
+# mark / zero-width no-break space (U+FEFF) and the soft hyphen (U+00AD). Removed, not turned into a space as
+# punctuation is: inside a word they would split it in two.
+_INVISIBLE = re.compile("[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 _NOT_WORD = re.compile(r"[^\w\s]|_")
 _SPACES = re.compile(r"\s+")
 
 
 def normalize_arabic(text: str) -> str:
-    """Return ``text`` with tashkeel, tatweel and punctuation removed, alef forms, Persian variants and
-    digits unified, and whitespace collapsed (``normalize_loose`` folds further spellings, for comparisons)."""
+    """Return ``text`` with tashkeel, tatweel, invisible joiners and bidi controls removed, punctuation turned into
+    spaces, alef forms, Persian variants and digits unified, and whitespace collapsed (``normalize_loose`` folds
+    further spellings, for comparisons)."""
     text = unicodedata.normalize("NFKC", text)  # presentation forms and ligatures (ﻻ) -> base letters
+    text = _INVISIBLE.sub("", text)
     text = _TASHKEEL.sub("", text).replace(_TATWEEL, "")
     text = text.translate(_CHAR_MAP)
     text = _NOT_WORD.sub(" ", text)
