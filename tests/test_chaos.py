@@ -158,10 +158,14 @@ def test_a_worker_that_cannot_load_its_model_takes_no_job(chaos_redis, cache_dir
     good_worker = None
     try:
         job_id = submit(client, ledger)
-        time.sleep(6)  # children have failed, backed off and been replaced by now
+        deadline = time.monotonic() + 60  # a loaded machine takes a while to start a worker
+        while "model load failed" not in (logs / "bad.log").read_text():
+            assert bad_worker.poll() is None or "model load failed" in (logs / "bad.log").read_text()
+            assert time.monotonic() < deadline, (logs / "bad.log").read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(3)  # children have failed, backed off and been replaced by now
         assert ledger.status(job_id)["status"] == "queued"  # taken by nobody, lost by nobody
         assert client.get("/readyz").status_code == 503
-        assert "model load failed" in (logs / "bad.log").read_text()
         good_worker = start_worker(good, logs / "good.log", name="chaos-good")
         ledger.wait_all(good.TASK_TIME_LIMIT_S + 60)
         log = (logs / "bad.log").read_text()
