@@ -83,17 +83,32 @@ def worker_argv(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
 
 
 def run_worker(settings: Settings, extra: Sequence[str] = ()) -> int:
-    """Run a Celery worker in this process (its pool children are forked from it)."""
+    """Run a Celery worker in this process (its pool children are forked from it). With METRICS_PORT, this process
+    serves the metrics of them all (shared/metrics.py): their directory is chosen before the Celery app, which
+    imports prometheus_client, is."""
+    from shared import metrics
+
+    metrics.use_group_dir(metrics.prepare_group_dir(settings, "worker") if settings.METRICS_PORT else None)
     from worker.celery_app import configure_logging, create_worker_app
 
     configure_logging(settings)
-    return create_worker_app(settings).start(argv=worker_argv(settings, extra)) or 0
+    app = create_worker_app(settings)
+    if settings.METRICS_PORT:
+        metrics.serve(settings)
+    return app.start(argv=worker_argv(settings, extra)) or 0
 
 
 def exec_service(argv: list[str], settings: Settings) -> None:
     """Become ``argv`` (so a supervisor's signals reach gunicorn or Flower directly), with the environment holding
     the settings this process validated."""
+    from shared import metrics
+
     env = {**os.environ, **settings.as_env(), "CELERY_BROKER_URL": settings.REDIS_URL}
+    # gunicorn's processes sum their metrics through files in one directory of their own (shared/metrics.py); its pid
+    # in the name is this process's, which becomes the gunicorn master
+    env.pop(metrics.MULTIPROC_ENV, None)
+    if argv == web_argv(settings):
+        env[metrics.MULTIPROC_ENV] = str(metrics.prepare_group_dir(settings, "web"))
     # Flower's credentials go to Flower alone, and never as an empty FLOWER_BASIC_AUTH (see flower_env)
     env.pop("FLOWER_BASIC_AUTH", None)
     if argv == flower_argv(settings):

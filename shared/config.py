@@ -106,6 +106,16 @@ class Settings(BaseSettings):
     FLOWER_BASIC_AUTH_FILE: str = ""
     LOG_LEVEL: LogLevel = "INFO"
 
+    # ------------------------------------------------------------------------------------------------ metrics
+    # Prometheus (shared/metrics.py). The web server always answers GET /metrics, unauthenticated like /healthz: keep
+    # it off the public internet (block /metrics at the proxy). A worker serves its own metrics (its pool children's
+    # included) from its parent process on HOST:METRICS_PORT/metrics; 0 = no endpoint.
+    METRICS_PORT: int = Field(0, ge=0, le=65535)
+    # Where the processes of one web server or worker keep the files their metrics are summed from (prometheus_client's
+    # multiprocess mode): <dir>/web/<pid> and <dir>/worker/<pid>, emptied when that server starts and removed by a later
+    # start once its process is gone. A local directory (not one shared between machines). Empty = STATE_DIR/metrics.
+    METRICS_DIR: str = ""
+
     # ----------------------------------------------------------------------------------- access and limits
     # API keys (`arabic-words keys create`, sent as `Authorization: Bearer <key>`): `required`, `off`, or `auto`:
     # required whenever HOST is not a loopback address (a container, a server), off on 127.0.0.1 (`make run`).
