@@ -57,7 +57,7 @@ def create_app(config: Settings | dict | None = None) -> Flask:
     )
     logging.getLogger(__name__).setLevel(settings.LOG_LEVEL)
 
-    from web import auth
+    from web import auth, metrics
     from web.api import bp as api_bp
     from web.errors import register_error_handlers
     from web.pages import bp as pages_bp
@@ -66,4 +66,5 @@ def create_app(config: Settings | dict | None = None) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(pages_bp)
     register_error_handlers(app)
+    metrics.install(app, settings, client)  # counts every request; GET /metrics (web/metrics.py)
     return app
