@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from worker import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -96,6 +98,7 @@ class DynamicBatcher:
             for p in batch:
                 p.future.set_exception(exc)
             return
+        metrics.BATCH_SIZE.observe(len(batch))
         for p, out in zip(batch, outputs, strict=True):
             p.future.set_result((out, BatchStats(len(batch), round((started - p.queued_at) * 1000, 2))))
         log.debug("batch ran size=%d ms=%.1f", len(batch), (time.perf_counter() - started) * 1000)

@@ -16,6 +16,7 @@ import redis
 from shared import keys
 from shared.config import Settings
 from shared.jobs import JobStore
+from worker import metrics
 from worker.asr import LoadedModel, infer_batch, select_device, warm_up
 from worker.batching import DynamicBatcher
 from worker.model import load_configured_model
@@ -45,6 +46,7 @@ def init_process(settings: Settings, send: Callable[[str, str], None], process_i
     device = select_device(process_index)
     model = load_configured_model(settings, device)
     loaded_s = time.perf_counter() - started
+    metrics.MODEL_LOAD.observe(loaded_s)
     fault = forward_fault(settings)
     batcher = None
     batch_sizes: tuple[int, ...] = (1,)

@@ -22,6 +22,7 @@ from shared.config import Settings
 from shared.jobs import ClaimOutcome, JobStore
 from shared.queue import TRANSCRIBE_TASK
 from shared.schema import ErrorCode, JobError
+from worker import metrics
 from worker.audio import InvalidAudio
 from worker.lifecycle import WorkerState, state
 from worker.pipeline import JobTimeout, transcribe_bytes
@@ -46,7 +47,8 @@ class TranscriptionTask(Task):
         if isinstance(exc, TimeLimitExceeded) and args:
             client = redis.Redis.from_url(self.settings.REDIS_URL, socket_timeout=5)
             try:
-                JobStore(client, self.settings).fail(args[0], _TIMEOUT)
+                if JobStore(client, self.settings).fail(args[0], _TIMEOUT):
+                    metrics.job_failed(_TIMEOUT.code)
                 log.warning("job failed: hard time limit job_id=%s", args[0])
             except redis.RedisError:  # the lease runs out and the reaper takes it back
                 log.exception("could not fail a timed-out job job_id=%s", args[0])
@@ -86,6 +88,8 @@ def transcribe(job_id: str) -> None:
         holder = claim.detail
         claim = _with_redis(worker, "claim", lambda: store.claim(job_id, worker.name, take_over=holder))
     if claim.outcome is not ClaimOutcome.CLAIMED:
+        if claim.outcome is ClaimOutcome.EXHAUSTED:  # the claim failed it
+            metrics.job_failed(ErrorCode.WORKER_CRASHED.value)
         log.info("delivery not run job_id=%s outcome=%s detail=%s", job_id, claim.outcome, claim.detail)
         return
     job = _with_redis(worker, "read job", lambda: store.get(job_id))
@@ -94,7 +98,8 @@ def transcribe(job_id: str) -> None:
         return
     if data is None:
         error = JobError(ErrorCode.UPLOAD_EXPIRED.value, "the upload expired before a worker took it")
-        _with_redis(worker, "fail", lambda: store.fail(job_id, error))
+        if _with_redis(worker, "fail", lambda: store.fail(job_id, error)):
+            metrics.job_failed(error.code)
         return
     picked_up = time.time()
     try:
@@ -109,17 +114,20 @@ def transcribe(job_id: str) -> None:
         )
     except (SoftTimeLimitExceeded, JobTimeout):
         log.warning("job failed: time limit job_id=%s attempt=%d", job_id, claim.attempt)
-        _with_redis(worker, "fail", lambda: store.fail(job_id, _TIMEOUT))
+        if _with_redis(worker, "fail", lambda: store.fail(job_id, _TIMEOUT)):
+            metrics.job_failed(_TIMEOUT.code)
         return
     except InvalidAudio as exc:
         code = ErrorCode.AUDIO_TOO_LONG if exc.reason == "audio_too_long" else ErrorCode.INVALID_AUDIO
         error = {"code": code.value, "message": exc.message, "reason": exc.reason}
-        _with_redis(worker, "fail", lambda: store.fail(job_id, error))
+        if _with_redis(worker, "fail", lambda: store.fail(job_id, error)):
+            metrics.job_failed(code.value)
         log.info("job rejected job_id=%s reason=%s", job_id, exc.reason)
         return
     except Exception:  # a bug of ours: a failed job with a traceback in the log, never a job left processing
         log.exception("job failed unexpectedly job_id=%s", job_id)
-        _with_redis(worker, "fail", lambda: store.fail(job_id, _INTERNAL))
+        if _with_redis(worker, "fail", lambda: store.fail(job_id, _INTERNAL)):
+            metrics.job_failed(_INTERNAL.code)
         return
     result.timings_ms = {
         "queue": round((picked_up - job.created_at) * 1000, 1),
@@ -127,6 +135,8 @@ def transcribe(job_id: str) -> None:
         "total": round((time.time() - job.created_at) * 1000, 1),
     }
     stored = _with_redis(worker, "store result", lambda: store.succeed(job_id, result.to_dict()))
+    if stored:
+        metrics.job_succeeded(result.timings_ms)
     log.info("job done job_id=%s stored=%s duration_s=%.2f timings_ms=%s", job_id, stored, result.duration_s,
              result.timings_ms)  # fmt: skip
 
