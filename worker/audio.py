@@ -77,6 +77,16 @@ _MAX_CHANNELS = 8
 # Samples (a channel) converted and resampled at a time: what is held at the input's rate is about one block, mono
 # (0.5 MB); a clip shorter than one block (2.7 s at 48 kHz) is resampled in one call, with no stream to set up.
 _BLOCK = 1 << 17
+# A stream may change its sample rate (FLAC frames each carry one), and each part at one rate is resampled on its
+# own: soxr designs a filter per part, up to ~0.5 ms for an odd rate. A recording changes rate never or once or twice
+# (files joined end to end); 120,000 16-sample FLAC frames alternating between 65533 and 65531 Hz (2.4 MB) took 38 s
+# and grew the decoding process by 119 MB before this limit (tests/test_hostile.py).
+_MAX_RATE_CHANGES = 16
+# Frames waiting for a block are joined into one array once this many wait: a waiting frame of float32 mono is a view
+# that keeps the whole decoded frame alive (about 1.5 KB of FFmpeg's and PyAV's objects besides its samples), so a
+# stream of one-sample frames held 2**17 of them per block (a 4 MB upload of one-sample PCM packets in Matroska grew
+# the decoding process by 224 MB; tests/test_hostile.py). Ordinary frames (512 samples or more) fill a block first.
+_MAX_WAITING_FRAMES = 256
 # A Matroska/WebM file that says how long it is (MediaRecorder's live files do not) and decodes to this much less
 # was cut off: its demuxer just stops at the cut, without an error.
 _DECLARED_DURATION_SLACK_S = 0.1
@@ -133,10 +143,10 @@ class _Mono16k:
     converted to float32 mono at once and, a block at a time, resampled to 16 kHz by a streaming resampler. What is
     kept is the 16 kHz output and under a block of mono at the input's rate, never the input's channels or its
     whole length. A stream that changes rate mid-way (FFmpeg's decoders pass that on frame by frame) is resampled
-    part by part, and its duration counted at each part's own rate. The budget, in decoded samples: each part may
-    have ``max_audio_s`` (less the parts before it) x its rate samples a channel, at no more than 192 kHz and 8
-    channels, so no upload makes more than 192 kHz x 8 x ``max_audio_s`` of them (and a frame) decoded and
-    converted, however long it claims to be."""
+    part by part, and its duration counted at each part's own rate; past ``_MAX_RATE_CHANGES`` changes it is
+    refused. The budget, in decoded samples: each part may have ``max_audio_s`` (less the parts before it) x its rate
+    samples a channel, at no more than 192 kHz and 8 channels, so no upload makes more than 192 kHz x 8 x
+    ``max_audio_s`` of them (and a frame) decoded and converted, however long it claims to be."""
 
     def __init__(self, max_audio_s: float) -> None:
         self.max_audio_s = max_audio_s
@@ -145,8 +155,10 @@ class _Mono16k:
         self.part_samples = 0  # a channel's samples in the current part
         self.part_limit = 0  # ... and the most it may have
         self.earlier_s = 0.0  # duration of the parts before it
+        self.rate_changes = -1  # the first part's rate is not a change
         self.pending: list[np.ndarray] = []  # mono float32 at ``rate``, not yet resampled
         self.pending_samples = 0
+        self.joined = 0  # how many of ``pending`` (at its start) are joined runs of frames
         self.resampler: soxr.ResampleStream | None = None
         self.any_samples = False
 
@@ -159,6 +171,9 @@ class _Mono16k:
         channels, n = samples.shape
         if rate != self.rate:
             _check_shape(rate, channels)
+            self.rate_changes += 1
+            if self.rate_changes > _MAX_RATE_CHANGES:
+                raise InvalidAudio("corrupt", f"the sample rate changes more than {_MAX_RATE_CHANGES} times")
             self._end_part()
             self.rate = rate
             self.part_limit = math.ceil((self.max_audio_s - self.earlier_s) * rate)
@@ -177,10 +192,13 @@ class _Mono16k:
         self.pending_samples += n
         if self.pending_samples >= _BLOCK:
             self._resample(last=False)
+        elif len(self.pending) - self.joined >= _MAX_WAITING_FRAMES:  # tiny frames: copy them, let them go
+            self.pending[self.joined :] = [np.concatenate(self.pending[self.joined :])]
+            self.joined += 1
 
     def _resample(self, last: bool) -> None:
         block = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
-        self.pending, self.pending_samples = [], 0
+        self.pending, self.pending_samples, self.joined = [], 0, 0
         if self.rate == SAMPLE_RATE:
             self.out.append(block)
         elif last and self.resampler is None:  # the whole part in one block: one call, no stream to set up
