@@ -79,7 +79,8 @@ def flower_env(settings: Settings) -> dict[str, str]:
 
 def worker_argv(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
     """``celery worker`` options; ``extra`` (e.g. ``-n name@%h --without-mingle``) come last and win."""
-    return ["worker", "--loglevel", settings.LOG_LEVEL, "-Q", settings.QUEUE, "-n", "worker@%h", *extra]
+    lanes = ",".join(settings.queues)  # interactive first (see shared.queue: the order is the priority)
+    return ["worker", "--loglevel", settings.LOG_LEVEL, "-Q", lanes, "-n", "worker@%h", *extra]
 
 
 def run_worker(settings: Settings, extra: Sequence[str] = ()) -> int:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Data that ships inside the package (a wheel has it too): the bundled model and the Arabic word list.
@@ -58,8 +58,13 @@ class Settings(BaseSettings):
     # Seconds a worker keeps retrying (with backoff) when Redis is unreachable mid-job before it hands the message
     # back to the broker; the job is never failed or acked away for it.
     REDIS_RETRY_S: float = Field(60.0, ge=0)
-    # The Celery queue jobs go to (and workers take them from).
+    # The Celery queues: interactive jobs (a learner waiting) go to QUEUE, `priority=batch` jobs (backfills) to
+    # BATCH_QUEUE (empty = QUEUE + "-batch"); every worker takes both and always the interactive queue first.
     QUEUE: str = Field("transcribe", pattern=r"^[A-Za-z0-9_.:-]+$")
+    BATCH_QUEUE: str = Field("", pattern=r"^$|^[A-Za-z0-9_.:-]+$")
+    # Results by content (shared/cache.py): an upload whose bytes were transcribed within RESULT_TTL_S, with the same
+    # model, decoding and vocabulary, finishes at once from that result. `off` transcribes every upload.
+    CACHE: Literal["on", "off"] = "on"
 
     # ------------------------------------------------------------------------------------------------- model
     # A CTC checkpoint loaded with from_pretrained: a local directory or a hub id (needs internet).
@@ -148,6 +153,21 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise ConfigError(_one_line(exc)) from None
 
+    @model_validator(mode="after")
+    def _lanes_differ(self) -> Settings:
+        if self.BATCH_QUEUE == self.QUEUE:
+            raise ValueError("BATCH_QUEUE must differ from QUEUE (the batch lane must not delay learners)")
+        return self
+
+    @property
+    def batch_queue(self) -> str:
+        return self.BATCH_QUEUE or f"{self.QUEUE}-batch"
+
+    @property
+    def queues(self) -> tuple[str, str]:
+        """Every lane, the one a worker takes first first."""
+        return self.QUEUE, self.batch_queue
+
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -204,7 +224,10 @@ _SECRETS = {"FLOWER_BASIC_AUTH"}
 def _one_line(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]) or "settings"
+        name = ".".join(str(part) for part in error["loc"])
+        if not name:  # a rule across settings: its message names them (the input is all of them, secrets too)
+            problems.append(error["msg"].removeprefix("Value error, "))
+            continue
         value = "<hidden>" if name in _SECRETS else repr(error.get("input"))
         problems.append(f"{name}={value}: {error['msg']}")
     return "invalid configuration: " + "; ".join(problems)

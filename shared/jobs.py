@@ -193,6 +193,7 @@ class Job:
     owner: str = ""  # the worker process holding it
     key_id: str = ""  # the API key that created it (none when auth is off)
     vocabulary: list[str] = field(default_factory=list)  # words its beam search prefers
+    digest: str = ""  # SHA-256 of the upload (shared.cache)
 
     def public(self) -> dict:
         """The API's view of a job."""
@@ -229,10 +230,12 @@ class JobStore:
         subject: str = "",
         key_id: str = "",
         vocabulary: list[str] | None = None,
+        digest: str = "",
     ) -> Job:
         """Store a new queued job and its upload. ``job_id``: one reserved already (``new_id``); ``subject``: the
         client whose limits it counts against (shared.access); ``key_id``: the API key that owns it; ``vocabulary``:
-        words its beam search prefers (shared.vocabularies)."""
+        words its beam search prefers (shared.vocabularies); ``digest``: the upload's SHA-256, under which the worker
+        keeps the result for identical uploads (shared.cache)."""
         job_id = job_id or new_id()
         now = time.time()
         queue = queue or self.settings.QUEUE
@@ -245,13 +248,25 @@ class JobStore:
             fields["key_id"] = key_id
         if vocabulary:
             fields["vocabulary"] = "\n".join(vocabulary)
+        if digest:
+            fields["digest"] = digest
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(keys.upload(job_id), data, ex=self.settings.UPLOAD_TTL_S)
             pipe.hset(keys.job(job_id), mapping=fields)
             pipe.expire(keys.job(job_id), self.settings.RESULT_TTL_S)
             pipe.execute()
         return Job(
-            job_id, JobStatus.QUEUED, now, 0, expected, None, None, queue, key_id=key_id, vocabulary=vocabulary or []
+            job_id,
+            JobStatus.QUEUED,
+            now,
+            0,
+            expected,
+            None,
+            None,
+            queue,
+            key_id=key_id,
+            vocabulary=vocabulary or [],
+            digest=digest,
         )
 
     def load(self, queue: str) -> tuple[int, tuple[int, int]]:
@@ -286,6 +301,7 @@ class JobStore:
             owner=values.get("owner", ""),
             key_id=values.get("key_id", ""),
             vocabulary=values["vocabulary"].split("\n") if values.get("vocabulary") else [],
+            digest=values.get("digest", ""),
         )
 
     def _keys(self, job_id: str) -> list[str]:

@@ -24,6 +24,11 @@ def api_key_index() -> str:
     return f"{PREFIX}:apikeys"
 
 
+def cached_result(digest: str, decoding: str) -> str:
+    """String with the result TTL: the result for an upload's bytes (SHA-256) under one model and decoding."""
+    return f"{PREFIX}:cache:{digest}:{decoding}"
+
+
 def vocabularies() -> str:
     """Hash: name -> a word list registered on the server (one normalized word per line), for ``vocabulary=NAME``."""
     return f"{PREFIX}:vocabularies"

@@ -32,7 +32,12 @@ def make_celery(settings: Settings, main: str = "arabic_words") -> Celery:
         task_send_sent_event=True,
         task_time_limit=settings.TASK_TIME_LIMIT_S,
         task_soft_time_limit=max(1, settings.TASK_TIME_LIMIT_S - 5),
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        # "priority": a worker asks Redis for the queues in the order it was given them (QUEUE first, then the batch
+        # lane) every time, instead of taking turns: interactive work always goes first.
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            "queue_order_strategy": "priority",
+        },
         broker_connection_retry_on_startup=True,
         worker_proc_alive_timeout=settings.WORKER_INIT_TIMEOUT_S,  # model loads take longer than the 4 s default
         # Dynamic batching needs the jobs of one model in one process: a threads pool, a thread per batch slot.

@@ -47,9 +47,8 @@ QUEUE_DEPTH = "arabic_words_queue_depth"
 
 
 def queue_lanes(settings: Settings) -> dict[str, str]:
-    """Each lane's Celery queue, as ``arabic_words_queue_depth`` reports them. A new lane (a queue of its own, e.g.
-    ``"batch"`` for backfills) is one more entry here."""
-    return {"interactive": settings.QUEUE}
+    """Each lane's Celery queue, as ``arabic_words_queue_depth`` reports them (a new lane is one more entry)."""
+    return {"interactive": settings.QUEUE, "batch": settings.batch_queue}
 
 
 def install(app: Flask, settings: Settings, client: redis.Redis) -> None:

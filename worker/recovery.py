@@ -19,6 +19,8 @@ from collections.abc import Callable
 from shared import keys
 from shared.config import Settings
 from shared.jobs import JobStore
+from shared.schema import ErrorCode
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ def sweep_lost_jobs(store: JobStore, member: str, send: Callable[[str, str], Non
     for job_id in store.reap_candidates():
         outcome, owner = store.reap_check(job_id)
         if outcome == "failed":
+            metrics.job_failed(ErrorCode.WORKER_CRASHED.value)
             log.error("job failed: its worker died on every attempt job_id=%s owner=%s", job_id, owner)
         elif outcome == "stale":
             job = store.get(job_id)

@@ -18,6 +18,7 @@ import redis
 from celery import Celery, Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
+from shared.cache import ResultCache
 from shared.config import Settings
 from shared.jobs import ClaimOutcome, JobStore
 from shared.queue import TRANSCRIBE_TASK
@@ -108,6 +109,7 @@ def transcribe(job_id: str) -> None:
             data,
             max_audio_s=worker.settings.MAX_AUDIO_S,
             expected=job.expected,
+            vocabulary=job.vocabulary,
             batcher=worker.batcher,
             before_forward=worker.fault,
             deadline=_deadline(worker),
@@ -137,6 +139,9 @@ def transcribe(job_id: str) -> None:
     stored = _with_redis(worker, "store result", lambda: store.succeed(job_id, result.to_dict()))
     if stored:
         metrics.job_succeeded(result.timings_ms)
+        if job.digest:  # the next upload of the same bytes finishes from this result (shared.cache)
+            cache = ResultCache(store.redis, worker.settings)
+            _with_redis(worker, "cache result", lambda: cache.put(job.digest, job.vocabulary, result.to_dict()))
     log.info("job done job_id=%s stored=%s duration_s=%.2f timings_ms=%s", job_id, stored, result.duration_s,
              result.timings_ms)  # fmt: skip
 
