@@ -60,10 +60,14 @@ def create_app(config: Settings | dict | None = None) -> Flask:
     from web import auth, metrics
     from web.api import bp as api_bp
     from web.errors import register_error_handlers
+    from web.openai import bp as openai_bp
+    from web.openapi import bp as openapi_bp
     from web.pages import bp as pages_bp
 
     auth.install(app)
     app.register_blueprint(api_bp)
+    app.register_blueprint(openai_bp)  # POST /v1/audio/transcriptions (OpenAI-compatible)
+    app.register_blueprint(openapi_bp)  # /openapi.json and /docs
     app.register_blueprint(pages_bp)
     register_error_handlers(app)
     metrics.install(app, settings, client)  # counts every request; GET /metrics (web/metrics.py)

@@ -12,11 +12,12 @@ from flask import Blueprint, jsonify, request, url_for
 from shared import keys
 from shared.audio_format import UNRECOGNIZED_FORMAT_MESSAGE, sniff_container
 from shared.config import Settings
-from shared.jobs import JobStore
+from shared.jobs import Job, JobStore
 from shared.queue import enqueue
-from shared.schema import ErrorCode
+from shared.schema import ErrorCode, Health, JobCreated, Readiness, dump
 from web import auth, services
 from web.errors import ApiError
+from web.openapi import Reply, errors, json_body, operation
 
 log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__)
@@ -75,8 +76,10 @@ def _admit(store: JobStore, settings: Settings) -> None:
         raise ApiError(429, ErrorCode.QUEUE_FULL, "the job store is nearly full; retry later", retry_after_s=10)
 
 
-@bp.post("/v1/transcriptions")
-def create_transcription():
+def submit() -> Job:
+    """The one way a job is created, for every route that takes an upload (POST /v1/transcriptions and the
+    OpenAI-compatible route): read and check the upload and ``expected``, admission control, store the job under the
+    id ``auth.check_access`` reserved for it, queue its task. Raises ApiError (nothing stored or queued) otherwise."""
     app = services()
     settings, store = app.settings, app.store
     data = _read_upload(settings.MAX_UPLOAD_BYTES)
@@ -102,13 +105,65 @@ def create_transcription():
             retry_after_s=5,
         ) from exc
     auth.created()
-    url = url_for("api.get_transcription", job_id=job.id)
     log.info("job queued job_id=%s bytes=%d subject=%s", job.id, len(data), caller.subject)
-    response = jsonify({"id": job.id, "status": job.status.value, "url": url})
-    return response, 202, {"Location": url}
+    return job
+
+
+def accepted(job: Job):
+    """202 for a queued job: its id and URL (also in ``Location``)."""
+    url = url_for("api.get_transcription", job_id=job.id)
+    body = JobCreated(id=job.id, status=job.status, url=url)
+    return jsonify(dump(body)), 202, {"Location": url}
+
+
+# ------------------------------------------------------------------------------------- OpenAPI descriptions
+_UPLOAD = {"type": "string", "format": "binary", "description": "the recording (WebM, OGG, MP3, M4A/MP4, AAC, WAV, "
+           "FLAC or AIFF), at most MAX_UPLOAD_BYTES"}  # fmt: skip
+_EXPECTED = {"type": "string", "maxLength": MAX_EXPECTED_CHARS, "description": "the Arabic text the speaker was "
+             "asked to say: the result compares the transcript with it"}  # fmt: skip
+_RAW = {"type": "string", "format": "binary"}
+UPLOAD_BODY = {
+    "required": True,
+    "description": "multipart with a `file` field, or the recording itself as the body with an audio content type "
+    "(`audio/*`, `video/webm`, `video/ogg`, `video/mp4`, `application/ogg` or `application/octet-stream`)",
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"], "properties": {"file": _UPLOAD, "expected": _EXPECTED}},
+        },
+        "audio/*": {"schema": _RAW},
+        "application/octet-stream": {"schema": _RAW},
+    },
+}
+EXPECTED_QUERY = {"name": "expected", "in": "query", "required": False, "schema": _EXPECTED,
+                  "description": "as the `expected` form field (the form field wins)"}  # fmt: skip
+
+
+def _wait_parameter(settings: Settings) -> list[dict]:
+    return [{
+        "name": "wait", "in": "query", "required": False,
+        "description": "hold the request until the job is final or this many seconds pass (MAX_WAIT_S at most)",
+        "schema": {"type": "number", "minimum": 0, "maximum": settings.MAX_WAIT_S},
+    }]  # fmt: skip
+
+
+@bp.post("/v1/transcriptions")
+@operation(
+    "Submit a recording",
+    {202: Reply("accepted and queued: poll `url`", json_body("JobCreated"), ("Location",)),
+     **errors(400, 401, 403, 413, 415, 429, 503, notes={400: "`no_file`, `empty_upload` or `invalid_expected`"})},
+    tags=("transcriptions",), parameters=[EXPECTED_QUERY], request_body=UPLOAD_BODY,
+)  # fmt: skip
+def create_transcription():
+    return accepted(submit())
 
 
 @bp.get("/v1/transcriptions/<job_id>")
+@operation(
+    "A job's status and result",
+    {200: Reply("the job; `result` once it succeeded, `error` once it failed", json_body("JobView")),
+     **errors(400, 401, 403, 404, 429, 503, notes={400: "`invalid_wait`"})},
+    tags=("transcriptions",), parameters=_wait_parameter, path={"job_id": "the id a POST answered"},
+)  # fmt: skip
 def get_transcription(job_id: str):
     app = services()
     settings = app.settings
@@ -132,11 +187,18 @@ def get_transcription(job_id: str):
 
 
 @bp.get("/healthz")
+@operation("Liveness: the process is up", {200: Reply("up", json_body("Health"))}, tags=("health",), secured=False)
 def healthz():
-    return jsonify({"status": "ok"})
+    return jsonify(dump(Health(status="ok")))
 
 
 @bp.get("/readyz")
+@operation(
+    "Readiness: Redis, a worker and a loaded model",
+    {200: Reply("ready", json_body("Readiness")), 503: Reply("not ready; the body says what is missing",
+                                                             json_body("Readiness"))},
+    tags=("health",), secured=False,
+)  # fmt: skip
 def readyz():
     """Ready when Redis answers, a worker answers Celery's ping, and a worker process has its model loaded (fresh
     heartbeat): the ping alone is answered by the prefork parent even while every child fails to load the model."""
@@ -153,4 +215,5 @@ def readyz():
     except Exception as exc:  # readiness answers, it does not raise
         log.warning("readiness check failed: %s", exc)
     ready = checks["redis"] and checks["workers"] > 0 and checks["model_processes"] > 0
-    return jsonify({"status": "ready" if ready else "not_ready", **checks}), 200 if ready else 503
+    body = Readiness(status="ready" if ready else "not_ready", **checks)
+    return jsonify(dump(body)), 200 if ready else 503
