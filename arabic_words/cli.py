@@ -280,6 +280,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         timeout_s=args.timeout,
         retries=args.retries,
         api_key=args.api_key or None,
+        fields={"priority": args.priority, **({"vocabulary": args.vocabulary} if args.vocabulary else {})},
     )
     try:
         summary = backfill.run(options)
@@ -355,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         help="records, appended: CSV if it ends in .csv, else JSON lines; files done are skipped",
     )
     p.add_argument("--concurrency", type=int, default=4, help="uploads in flight at once")
+    p.add_argument(
+        "--priority", choices=("batch", "interactive"), default="batch",
+        help="the lane (default batch: learners' interactive jobs go first)",
+    )  # fmt: skip
+    p.add_argument("--vocabulary", help="words to prefer, or the name of a registered word list (sent with each)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for one job")
     p.add_argument(
         "--retries",

@@ -269,6 +269,22 @@ class JobStore:
             digest=digest,
         )
 
+    def create_succeeded(self, result: dict, *, expected: str | None, job_id: str, queue: str, key_id: str = "") -> Job:
+        """Store a job that is final from the start: an upload answered from the result cache (no upload kept, no
+        task sent)."""
+        now = time.time()
+        fields = {"status": JobStatus.SUCCEEDED.value, "created_at": repr(now), "finished_at": repr(now),
+                  "attempts": 0, "queue": queue, "result": json.dumps(result, ensure_ascii=False)}  # fmt: skip
+        if expected:
+            fields["expected"] = expected
+        if key_id:
+            fields["key_id"] = key_id
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(job_id), mapping=fields)
+            pipe.expire(keys.job(job_id), self.settings.RESULT_TTL_S)
+            pipe.execute()
+        return Job(job_id, JobStatus.SUCCEEDED, now, 0, expected, result, None, queue, key_id=key_id)
+
     def load(self, queue: str) -> tuple[int, tuple[int, int]]:
         """(messages waiting in ``queue``, (bytes Redis uses, its maxmemory or 0)) for admission control. Celery's
         Redis transport keeps a queue as a list under the queue's name."""

@@ -36,6 +36,8 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     SERVICE_UNAVAILABLE = "service_unavailable"
     QUEUE_FULL = "queue_full"
+    INVALID_PRIORITY = "invalid_priority"
+    INVALID_VOCABULARY = "invalid_vocabulary"
     UNAUTHORIZED = "unauthorized"
     KEY_REVOKED = "key_revoked"
     RATE_LIMITED = "rate_limited"
@@ -100,6 +102,9 @@ class TranscriptionResult:
     ] = field(default_factory=dict)
     backend: Annotated[str, Field(description="the inference backend that ran it, e.g. onnx-int8")] = ""
     batch_size: Annotated[int, Field(description="clips in the forward pass it shared (dynamic batching)")] = 1
+    cached: Annotated[
+        bool, Field(description="answered from an identical earlier upload (same model and decoding), no worker")
+    ] = False
     expected: ExpectedComparison | None = None  # when the client sent `expected`; absent from to_dict() otherwise
 
     def to_dict(self) -> dict:
@@ -131,8 +136,9 @@ class JobCreated(_Body):
     """An accepted upload (202): poll ``url`` (the ``Location`` header) for its result."""
 
     id: str = Field(description="the job id: 32 hex characters (122 random bits)", examples=["3f0c" + "0" * 28])
-    status: Literal[JobStatus.QUEUED, JobStatus.PROCESSING] = Field(
-        description="`queued` for a new upload; the OpenAI-compatible route's 202 may say `processing`"
+    status: Literal[JobStatus.QUEUED, JobStatus.PROCESSING, JobStatus.SUCCEEDED] = Field(
+        description="`queued` for a new upload; `succeeded` when an identical upload's result answered it at once "
+        "(`result.cached`); the OpenAI-compatible route's 202 may say `processing`"
     )
     url: str = Field(description="where the job is answered: GET it, optionally with ?wait=")
 

@@ -89,6 +89,9 @@ def make_settings(redis_url: str, asr_cache_dir: Path, **overrides: object) -> S
         "QUEUE": "test-transcribe",
         "TORCH_THREADS": 1,
         "WORKER_CONCURRENCY": WORKER_PROCESSES,
+        # the suite sends the same fixtures many times and each must reach a worker (tests/test_lanes.py turns the
+        # result cache on for its own worker)
+        "CACHE": "off",
     }
     return Settings(**{**values, **overrides})
 

@@ -10,9 +10,11 @@ from celery import Celery
 from flask import Flask, current_app
 
 from shared.access import KeyStore, Limiter
+from shared.cache import ResultCache
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.queue import make_celery
+from shared.vocabularies import VocabularyStore
 from web.waiting import JobWaiter
 
 # multipart framing around a file of MAX_UPLOAD_BYTES; the file itself is checked exactly in the view
@@ -29,6 +31,8 @@ class Services:
     celery: Celery  # sends tasks only
     keys: KeyStore  # API keys (web/auth.py)
     limiter: Limiter  # per-client limits
+    cache: ResultCache  # results by content
+    vocabularies: VocabularyStore  # word lists requests may name
 
 
 def services(app: Flask | None = None) -> Services:
@@ -54,6 +58,8 @@ def create_app(config: Settings | dict | None = None) -> Flask:
         celery=make_celery(settings, main="arabic_words_web"),
         keys=KeyStore(client),
         limiter=Limiter(client),
+        cache=ResultCache(client, settings),
+        vocabularies=VocabularyStore(client),
     )
     logging.getLogger(__name__).setLevel(settings.LOG_LEVEL)
 

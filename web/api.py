@@ -11,10 +11,13 @@ from flask import Blueprint, jsonify, request, url_for
 
 from shared import keys
 from shared.audio_format import UNRECOGNIZED_FORMAT_MESSAGE, sniff_container
+from shared.cache import content_digest
 from shared.config import Settings
 from shared.jobs import Job, JobStore
 from shared.queue import enqueue
 from shared.schema import ErrorCode, Health, JobCreated, Readiness, dump
+from shared.text import compare_expected
+from shared.vocabularies import InvalidVocabulary
 from web import auth, services
 from web.errors import ApiError
 from web.openapi import Reply, errors, json_body, operation
@@ -26,6 +29,9 @@ bp.after_request(auth.rate_headers)
 bp.teardown_request(auth.release_unused)
 
 MAX_EXPECTED_CHARS = 500
+MAX_VOCABULARY_CHARS = 50_000  # a thousand words of forty letters, separators and vowel marks included
+MAX_VOCABULARY_QUERY = 2_000  # in the URL: a few dozen words or a list's name (servers limit URLs to ~8 KB)
+PRIORITIES = ("interactive", "batch")
 _RAW_TYPES = ("audio/", "video/webm", "video/ogg", "video/mp4", "application/octet-stream", "application/ogg")
 
 
@@ -65,10 +71,40 @@ def _read_expected() -> str | None:
     return expected.strip()
 
 
-def _admit(store: JobStore, settings: Settings) -> None:
-    """Refuse new work at the door while the queue or Redis memory is past its limit: 429 with Retry-After, so
-    overload is never met by evicting what was accepted."""
-    depth, memory = store.load(settings.QUEUE)
+def _form_or_query(name: str) -> str | None:
+    value = request.form.get(name) if request.mimetype == "multipart/form-data" else None
+    return value if value is not None else request.args.get(name)
+
+
+def _read_queue(settings: Settings) -> str:
+    """The lane the job goes to: ``priority=interactive`` (the default: a learner waits) or ``batch`` (backfills),
+    which workers take only when no interactive job waits."""
+    priority = (_form_or_query("priority") or "interactive").strip().lower()
+    if priority not in PRIORITIES:
+        raise ApiError(400, ErrorCode.INVALID_PRIORITY, "'priority' is 'interactive' (the default) or 'batch'")
+    return settings.batch_queue if priority == "batch" else settings.QUEUE
+
+
+def _read_vocabulary() -> list[str]:
+    """``vocabulary``: words the beam search prefers, or the name of a word list registered on the server."""
+    value = request.form.get("vocabulary") if request.mimetype == "multipart/form-data" else None
+    limit = MAX_VOCABULARY_CHARS
+    if value is None:
+        value, limit = request.args.get("vocabulary"), MAX_VOCABULARY_QUERY
+    if value is None or not value.strip():
+        return []
+    if len(value) > limit:
+        raise ApiError(400, ErrorCode.INVALID_VOCABULARY, f"'vocabulary' is limited to {limit} characters here")
+    try:
+        return services().vocabularies.resolve(value)
+    except InvalidVocabulary as exc:
+        raise ApiError(400, ErrorCode.INVALID_VOCABULARY, str(exc)) from None
+
+
+def _admit(store: JobStore, settings: Settings, queue: str) -> None:
+    """Refuse new work at the door while the lane's queue or Redis memory is past its limit: 429 with Retry-After,
+    so overload is never met by evicting what was accepted."""
+    depth, memory = store.load(queue)
     if depth >= settings.MAX_QUEUE_DEPTH:
         raise ApiError(429, ErrorCode.QUEUE_FULL, f"{depth} jobs are waiting; retry later", retry_after_s=5)
     used, limit = memory
@@ -80,15 +116,29 @@ def submit() -> Job:
     """The one way a job is created, for every route that takes an upload (POST /v1/transcriptions and the
     OpenAI-compatible route): read and check the upload and ``expected``, admission control, store the job under the
     id ``auth.check_access`` reserved for it, queue its task. Raises ApiError (nothing stored or queued) otherwise."""
+    started = time.perf_counter()
     app = services()
     settings, store = app.settings, app.store
     data = _read_upload(settings.MAX_UPLOAD_BYTES)
     expected = _read_expected()
-    _admit(store, settings)
+    queue = _read_queue(settings)
+    vocabulary = _read_vocabulary()
     caller = auth.client()
+    key_id = caller.key.id if caller.key else ""
+    digest = content_digest(data) if app.cache.enabled else ""
+    cached = app.cache.get(digest, vocabulary) if digest else None
+    if cached is not None:  # the same bytes, model and decoding: finished now, no worker (shared/cache.py)
+        result = {**cached, "cached": True, "timings_ms": {"total": round((time.perf_counter() - started) * 1000, 2)}}
+        if expected:
+            result["expected"] = compare_expected(expected, cached["text"]).to_dict()
+        job = store.create_succeeded(result, expected=expected, job_id=auth.reserved_job_id(), queue=queue,
+                                     key_id=key_id)  # fmt: skip
+        log.info("job answered from the cache job_id=%s subject=%s", job.id, caller.subject)
+        return job
+    _admit(store, settings, queue)
     job = store.create(
-        data, expected=expected, job_id=auth.reserved_job_id(), subject=caller.counted,
-        key_id=caller.key.id if caller.key else "",
+        data, expected=expected, queue=queue, job_id=auth.reserved_job_id(), subject=caller.counted, key_id=key_id,
+        vocabulary=vocabulary, digest=digest,
     )  # fmt: skip
     if settings.FAULT_PAUSE_BEFORE_PUBLISH_S > 0:  # fault injection (chaos suite): off by default
         time.sleep(settings.FAULT_PAUSE_BEFORE_PUBLISH_S)
@@ -121,6 +171,11 @@ _UPLOAD = {"type": "string", "format": "binary", "description": "the recording (
            "FLAC or AIFF), at most MAX_UPLOAD_BYTES"}  # fmt: skip
 _EXPECTED = {"type": "string", "maxLength": MAX_EXPECTED_CHARS, "description": "the Arabic text the speaker was "
              "asked to say: the result compares the transcript with it"}  # fmt: skip
+_PRIORITY = {"type": "string", "enum": list(PRIORITIES), "default": "interactive", "description": "the lane: "
+             "`batch` (backfills) waits while interactive jobs wait"}  # fmt: skip
+_VOCAB = {"type": "string", "maxLength": MAX_VOCABULARY_CHARS, "description": "words the transcription should "
+          "prefer (a JSON list, or separated by commas or spaces), or the name of a word list registered on the "
+          "server (`arabic-words vocabulary add`)"}  # fmt: skip
 _RAW = {"type": "string", "format": "binary"}
 UPLOAD_BODY = {
     "required": True,
@@ -128,7 +183,11 @@ UPLOAD_BODY = {
     "(`audio/*`, `video/webm`, `video/ogg`, `video/mp4`, `application/ogg` or `application/octet-stream`)",
     "content": {
         "multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"], "properties": {"file": _UPLOAD, "expected": _EXPECTED}},
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": _UPLOAD, "expected": _EXPECTED, "priority": _PRIORITY, "vocabulary": _VOCAB},
+            },
         },
         "audio/*": {"schema": _RAW},
         "application/octet-stream": {"schema": _RAW},
@@ -136,6 +195,14 @@ UPLOAD_BODY = {
 }
 EXPECTED_QUERY = {"name": "expected", "in": "query", "required": False, "schema": _EXPECTED,
                   "description": "as the `expected` form field (the form field wins)"}  # fmt: skip
+_UPLOAD_400 = "`no_file`, `empty_upload`, `invalid_expected`, `invalid_priority` or `invalid_vocabulary`"
+UPLOAD_QUERY = [
+    EXPECTED_QUERY,
+    {"name": "priority", "in": "query", "required": False, "schema": _PRIORITY,
+     "description": "as the `priority` form field (the form field wins)"},
+    {"name": "vocabulary", "in": "query", "required": False, "schema": {**_VOCAB, "maxLength": MAX_VOCABULARY_QUERY},
+     "description": "as the `vocabulary` form field (the form field wins); a long list goes in the form"},
+]  # fmt: skip
 
 
 def _wait_parameter(settings: Settings) -> list[dict]:
@@ -149,9 +216,10 @@ def _wait_parameter(settings: Settings) -> list[dict]:
 @bp.post("/v1/transcriptions")
 @operation(
     "Submit a recording",
-    {202: Reply("accepted and queued: poll `url`", json_body("JobCreated"), ("Location",)),
-     **errors(400, 401, 403, 413, 415, 429, 503, notes={400: "`no_file`, `empty_upload` or `invalid_expected`"})},
-    tags=("transcriptions",), parameters=[EXPECTED_QUERY], request_body=UPLOAD_BODY,
+    {202: Reply("accepted and queued (or `succeeded` at once from an identical upload's result): poll `url`",
+                json_body("JobCreated"), ("Location",)),
+     **errors(400, 401, 403, 413, 415, 429, 503, notes={400: _UPLOAD_400})},
+    tags=("transcriptions",), parameters=UPLOAD_QUERY, request_body=UPLOAD_BODY,
 )  # fmt: skip
 def create_transcription():
     return accepted(submit())
