@@ -248,7 +248,8 @@ def get_transcription(job_id: str):
             )
     job = app.store.get(job_id)
     if job is None or not auth.owns(job):  # another key's job does not exist for this one (ids are not probeable)
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no transcription job {job_id!r} (unknown or expired)")
+        shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."  # a 100 KB id is not echoed back whole
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no transcription job {shown!r} (unknown or expired)")
     if wait_s > 0 and not job.status.is_final:
         job = app.waiter.wait(job_id, wait_s) or job
     return jsonify(job.public())

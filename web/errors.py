@@ -54,7 +54,9 @@ def register_error_handlers(app: Flask) -> None:
         code = _HTTP_CODES.get(status)
         if status == 413:
             limit = services(app).settings.MAX_UPLOAD_BYTES
-            return error_response(413, ErrorCode.UPLOAD_TOO_LARGE.value, f"uploads are limited to {limit} bytes")
+            # werkzeug also answers 413 for a form part or a header section past its own limits
+            message = f"the request is too large: uploads are limited to {limit} bytes, form fields to 500 KB"
+            return error_response(413, ErrorCode.UPLOAD_TOO_LARGE.value, message)
         return error_response(status, (code.value if code else exc.name.lower().replace(" ", "_")), exc.description)
 
     @app.errorhandler(redis.RedisError)
