@@ -228,6 +228,7 @@ def test_denied_microphone_typed_word_and_letter_marks(base_url, browser):
 
     # The page's normalization is shared/text.py's normalize_loose.
     samples = ["كِتَابٌ", "أَإِآٱ", "مدرسة", "مستشفى", "سُؤَال", "قـــلم", "رئيس", "ﻻ", "صَبَاحُ  الخَيْر!", "٣ کتاب"]
+    samples += ["كِ\u200cتاب", "\u200fمرحبا\u202c"]  # invisible joiners and bidi controls
     js = driver.execute_script("return arguments[0].map(normalizeLoose)", samples)
     assert js == [normalize_loose(s) for s in samples]
 

@@ -1,4 +1,6 @@
-"""The one human page: record a word in the browser (WebM/Opus via MediaRecorder) or pick a file."""
+"""The learner page (web/static/index.html, app.js, app.css): say a word into the browser's microphone (WebM/Opus via
+MediaRecorder) or pick a file, hear it back, and see the verdict letter by letter. Tested in real headless Chromium by
+tests/test_page_browser.py."""
 
 from flask import Blueprint, current_app
 

@@ -20,6 +20,8 @@ const PERCENT = new Intl.NumberFormat("ar-u-nu-arab", { style: "percent", maximu
 // remembers the characters it came from (with their vowel marks) for display.
 const TASHKEEL = /[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06ed\u08d3-\u08ff]/u;
 const TATWEEL = "\u0640";
+// Zero-width joiners and spaces, bidi marks and controls, soft hyphen: no part of a word, removed (not a space).
+const INVISIBLE = /[\u00ad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]/u;
 const MARK = /\p{M}/u;
 const WORD_CHAR = /[\p{L}\p{N}]/u;
 const FOLD = {
@@ -40,6 +42,7 @@ function letterUnits(text) {
   const units = [];
   const last = () => units[units.length - 1];
   for (const ch of (text || "").normalize("NFKC")) {
+    if (INVISIBLE.test(ch)) continue;
     if (TASHKEEL.test(ch) || ch === TATWEEL || MARK.test(ch)) {
       if (units.length && last().key !== " ") last().shown += ch; // a vowel mark stays on its letter
       continue;
