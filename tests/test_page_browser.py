@@ -329,7 +329,7 @@ def test_a_server_that_wants_a_key_gets_one_and_the_upload_goes_on(redis_url, br
     from shared.config import Settings
     from web import create_app, services
 
-    db = redis_url.rsplit("/", 1)[0] + "/6"
+    db = redis_url.rsplit("/", 1)[0] + "/13"  # a database of its own (0-3, 5-8 and 11 are other tests')
     redis_lib.Redis.from_url(db).flushdb()
     app = create_app(Settings(REDIS_URL=db, QUEUE="page-auth-test", AUTH_MODE="required"))
     key = KeyStore(services(app).store.redis).create("learner", Limits())[1]
