@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from transformers import (
     Wav2Vec2ForCTC,
     Wav2Vec2Processor,
 )
+from werkzeug.serving import make_server
 
 from arabic_words.processes import command
 from shared import keys
@@ -194,6 +198,21 @@ def app(settings: Settings):
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+@contextlib.contextmanager
+def serve_http(app, port: int | None = None) -> Iterator[str]:
+    """A WSGI ``app`` on a real, threaded HTTP server (werkzeug's) on loopback, in a thread; yields its base URL.
+    Long-polls block a thread each here, as under any non-gevent server."""
+    server = make_server("127.0.0.1", port or 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
 
 
 def post_file(client, path: Path, **form):

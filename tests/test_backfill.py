@@ -8,7 +8,6 @@ demand.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -20,12 +19,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import soundfile
-from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from arabic_words import backfill
@@ -33,24 +31,11 @@ from arabic_words.backfill import BackfillError, Backoff, Item, Options, Output
 from shared.access import KeyStore, Limits
 from shared.redis_server import free_port
 from shared.text import is_model_text
-from tests.conftest import DATA, read_transcripts
+from tests.conftest import DATA, read_transcripts, serve_http
 from web import create_app, services
 
 TRANSCRIPTS = read_transcripts()
 FAST = Backoff(retries=8, base_s=0.05, cap_s=0.2)  # for the stand-in's failures: the schedule itself is tested apart
-
-
-@contextlib.contextmanager
-def serve(app: Callable, port: int | None = None) -> Iterator[str]:
-    """A WSGI app on a local HTTP server in a thread (werkzeug's, built on http.server); yields its URL."""
-    server = make_server("127.0.0.1", port or free_port(), app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -222,7 +207,7 @@ def test_429_with_retry_after_is_honoured_then_the_upload_is_accepted(tmp_path):
     manifest = tmp_path / "m.tsv"
     manifest.write_text("kitab.webm\tكتاب\n", encoding="utf-8")
     shutil.copy(DATA / "kitab.webm", tmp_path / "kitab.webm")
-    with serve(stand_in) as url:
+    with serve_http(stand_in) as url:
         options = Options(url=url, out=tmp_path / "out.jsonl", manifest=manifest, api_key="aw_secret",
                           fields={"priority": "batch"}, params={"source": "archive"}, progress=False)  # fmt: skip
         started = time.monotonic()
@@ -245,7 +230,7 @@ def test_429_with_retry_after_is_honoured_then_the_upload_is_accepted(tmp_path):
 def test_a_rejected_upload_is_not_retried_and_retries_run_out(tmp_path):
     folder = folder_of(tmp_path, "kitab.webm")
     stand_in = StandIn([error(413, "upload_too_large")])
-    with serve(stand_in) as url:
+    with serve_http(stand_in) as url:
         summary = backfill.run(Options(url=url, out=tmp_path / "a.jsonl", directory=folder, progress=False))
     assert len(stand_in.of("POST")) == 1 and summary.retried == 0
     assert summary.failed == {"upload_too_large": 1} and summary.exit_code == 1
@@ -254,7 +239,7 @@ def test_a_rejected_upload_is_not_retried_and_retries_run_out(tmp_path):
     assert record["error"]["code"] == "upload_too_large" and record["error"]["http_status"] == 413
 
     stand_in = StandIn([error(503, "service_unavailable")])
-    with serve(stand_in) as url:
+    with serve_http(stand_in) as url:
         options = Options(url=url, out=tmp_path / "b.jsonl", directory=folder, progress=False, retries=2,
                           backoff=Backoff(retries=2, base_s=0.05))  # fmt: skip
         summary = backfill.run(options)
@@ -265,7 +250,7 @@ def test_a_rejected_upload_is_not_retried_and_retries_run_out(tmp_path):
 def test_a_job_not_final_within_the_timeout(tmp_path):
     folder = folder_of(tmp_path, "kitab.webm")
     stand_in = StandIn([ACCEPTED], [json_response(200, {"id": "j1", "status": "processing"})])
-    with serve(stand_in) as url:
+    with serve_http(stand_in) as url:
         options = Options(url=url, out=tmp_path / "o.jsonl", directory=folder, timeout_s=0.5, progress=False)
         summary = backfill.run(options)
     assert summary.failed == {"wait_timeout": 1}
@@ -277,7 +262,7 @@ def test_a_job_not_final_within_the_timeout(tmp_path):
 def test_a_refused_key_stops_the_run(tmp_path):
     folder = folder_of(tmp_path, "kitab.webm", "kitab.ogg", "kitab.mp3")
     stand_in = StandIn([error(401, "unauthorized")])
-    with serve(stand_in) as url:
+    with serve_http(stand_in) as url:
         options = Options(url=url, out=tmp_path / "o.jsonl", directory=folder, concurrency=1, progress=False)
         summary = backfill.run(options)
     assert summary.failed == {"unauthorized": 1} and summary.not_sent == 2 and summary.exit_code == 1
@@ -296,7 +281,7 @@ def test_bad_usage_exits_2(tmp_path):
 @pytest.fixture()
 def service(app) -> Iterator[str]:
     """The session's web app over HTTP (its jobs run on the session's worker)."""
-    with serve(app) as url:
+    with serve_http(app) as url:
         yield url
 
 
@@ -379,7 +364,7 @@ def test_503s_are_retried_with_retry_after_then_pass_to_the_service(service, tmp
     folder = folder_of(tmp_path, "sabah_alkhayr.webm")
     proxy = Proxy(service, [("POST", error(503, "service_unavailable", {"Retry-After": "1"})),
                             ("POST", error(503, "service_unavailable"))])  # fmt: skip
-    with serve(proxy) as url:
+    with serve_http(proxy) as url:
         started = time.monotonic()
         summary = backfill.run(Options(url=url, out=tmp_path / "o.jsonl", directory=folder, progress=False))
         elapsed = time.monotonic() - started
@@ -402,7 +387,7 @@ def test_connection_refused_until_the_service_appears(app, tmp_path):
 
     def later() -> None:
         time.sleep(1.0)
-        with serve(app, port):
+        with serve_http(app, port):
             appeared.set()
             done.wait(60)
 
@@ -433,7 +418,7 @@ def test_api_key_from_the_environment(settings, tmp_path):
     _, secret = store.create(name, Limits())
     folder = folder_of(tmp_path, "kitab.m4a", "shukran.wav")
     try:
-        with serve(app) as url:
+        with serve_http(app) as url:
             refused = run_cli(str(folder), "--url", url, "--out", str(tmp_path / "no.jsonl"), "--concurrency", "1",
                               env={"ARABIC_WORDS_API_KEY": ""})  # fmt: skip
             assert refused.returncode == 1

@@ -6,16 +6,13 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 import soundfile
-from werkzeug.serving import make_server
 
-from shared.redis_server import free_port
 from shared.text import is_model_text
-from tests.conftest import DATA, read_transcripts
+from tests.conftest import DATA, read_transcripts, serve_http
 
 TRANSCRIPTS = read_transcripts()
 
@@ -77,12 +74,8 @@ def test_backfill_a_folder_through_the_running_service(app, tmp_path):
     (folder / "notes.txt").write_text("not audio")
     (folder / "broken.wav").write_bytes(b"RIFF\0\0\0\0WAVE" + bytes(64))  # accepted at upload; the job fails
 
-    server = make_server("127.0.0.1", free_port(), app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     out = tmp_path / "results.jsonl"
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
+    with serve_http(app) as url:
         first = run_cli("backfill", str(folder), "--url", url, "--out", str(out))
         assert first.returncode == 1  # broken.wav failed
         records = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
@@ -103,5 +96,3 @@ def test_backfill_a_folder_through_the_running_service(app, tmp_path):
         assert second.returncode == 1
         assert len(out.read_text().splitlines()) == 6
         assert "0 succeeded, 1 failed (invalid_audio: 1), 4 skipped (already done)" in second.stderr
-    finally:
-        server.shutdown()

@@ -19,7 +19,7 @@ KITAB = DATA / "kitab.webm"
 @pytest.fixture()
 def fresh(redis_url, asr_cache_dir):
     """Settings on a Redis database of these tests' own, emptied first, with queues no session worker reads."""
-    url = redis_url.rsplit("/", 1)[0] + "/7"
+    url = redis_url.rsplit("/", 1)[0] + "/9"
     redis.Redis.from_url(url).flushdb()
     return make_settings(url, asr_cache_dir, QUEUE="lanes-test")
 
@@ -83,7 +83,7 @@ def test_a_cached_result_answers_at_once_and_recomputes_expected(fresh):
 @pytest.fixture(scope="module")
 def lanes_worker(redis_url, asr_cache_dir, tmp_path_factory):
     """One worker process with the result cache on, each forward pass slowed to 0.4 s (so queue order shows)."""
-    url = redis_url.rsplit("/", 1)[0] + "/8"
+    url = redis_url.rsplit("/", 1)[0] + "/10"
     redis.Redis.from_url(url).flushdb()
     settings = make_settings(
         url, asr_cache_dir, QUEUE="lanes-order", WORKER_CONCURRENCY=1, FAULT_SLOW_FORWARD_S=0.4, CACHE="on"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +16,12 @@ import openai
 import pytest
 import redis
 import requests
-from werkzeug.serving import make_server
 
 from shared.access import KeyStore, Limits
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.schema import JobStatus
-from tests.conftest import DATA, make_settings
+from tests.conftest import DATA, make_settings, serve_http
 from web import create_app, services
 from web.openai import Options, _answer, segment, srt, vtt
 
@@ -33,15 +31,11 @@ KITAB = DATA / "kitab.webm"
 
 @contextlib.contextmanager
 def serve(app) -> Iterator[str]:
-    """``app`` on a real HTTP server on a free port, in a thread; yields its base URL."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    """``app`` on a real HTTP server (tests/conftest.py serve_http); its Redis connections closed afterwards."""
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        with serve_http(app) as url:
+            yield url
     finally:
-        server.shutdown()
-        thread.join(timeout=10)
         services(app).waiter.close()
         services(app).store.redis.close()
 

@@ -9,19 +9,17 @@ screenshot to docs/page.png (the README's picture of the page).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from shared.text import normalize_loose
+from tests.conftest import serve_http
 
 try:
     from selenium import webdriver
@@ -61,26 +59,10 @@ document.addEventListener("securitypolicyviolation",
 """
 
 
-@contextlib.contextmanager
-def serve(app) -> Iterator[str]:
-    """``app`` on a threaded HTTP server on a free port (long-polls block a thread each, as under any non-gevent
-    server); yields its base URL."""
-    from werkzeug.serving import make_server
-
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="page-test-server", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def base_url(app):
     """The session's web app (the `worker` fixture's queue)."""
-    with serve(app) as url:
+    with serve_http(app) as url:
         yield url
 
 
@@ -333,7 +315,7 @@ def test_a_server_that_wants_a_key_gets_one_and_the_upload_goes_on(redis_url, br
     redis_lib.Redis.from_url(db).flushdb()
     app = create_app(Settings(REDIS_URL=db, QUEUE="page-auth-test", AUTH_MODE="required"))
     key = KeyStore(services(app).store.redis).create("learner", Limits())[1]
-    with serve(app) as url:
+    with serve_http(app) as url:
         driver = browser(microphone=False)
         driver.get(url + "/")
         driver.execute_script(WATCH_UPLOADS)
