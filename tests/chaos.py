@@ -43,6 +43,7 @@ def chaos_settings(redis_url: str, cache_dir: Path, **overrides: object) -> Sett
         WORKER_CONCURRENCY=1,
         TASK_TIME_LIMIT_S=60,
         MAX_ATTEMPTS=3,
+        CACHE="off",  # every scenario resubmits the same fixture: each job must reach a worker
     )
     return base.replace(**overrides)
 
