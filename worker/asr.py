@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 from transformers import AutoConfig, AutoModelForCTC, AutoProcessor
 from transformers.utils import logging as transformers_logging
 
+import worker.whisper_ctc  # noqa: F401  registers whisper-ctc checkpoints with the Auto classes
 from worker import backends
 from worker.audio import SAMPLE_RATE
 from worker.backends import Backend, Runner
