@@ -170,3 +170,195 @@ def test_a_request_vocabulary_on_real_speech():
     # مضرسة (not a word) was the beam's runner-up: a vocabulary naming it tips the choice, even for a greedy model
     assert pipeline_postprocess(model, audio, log_probs, vocabulary=["مضرسة"]).text == "مضرسة"
     assert pipeline_postprocess(model, audio, log_probs, vocabulary=["كتاب", "شكرا"]).text == "مدرسة"
+
+
+# ------------------------------------------------------------------------ tashkeel written as labels of their own
+FATHA, DAMMA, SHADDA = "\u064e", "\u064f", "\u0651"
+MARKED_VOCAB = [*VOCAB, FATHA, DAMMA, SHADDA]
+MARKED = Vocabulary.from_tokens(MARKED_VOCAB, 0, "|", SPECIAL)
+FA, DA, SH = 11, 12, 13
+DELIMITER = 2
+
+
+def marked_frames(*rows: dict[int, float]) -> np.ndarray:
+    """``frames`` over the vocabulary with tashkeel."""
+    out = np.full((len(rows), len(MARKED_VOCAB)), 1e-4)
+    for t, row in enumerate(rows):
+        rest = [i for i in range(len(MARKED_VOCAB)) if i not in row]
+        out[t, rest] = (1 - sum(row.values())) / len(rest)
+        for label, p in row.items():
+            out[t, label] = p
+    return np.log(out)
+
+
+def marked_decoders() -> dict[str, BeamDecoder | None]:
+    return {
+        "greedy": None,
+        "beam": BeamDecoder.for_vocabulary(MARKED),
+        "beam + list": BeamDecoder.for_vocabulary(MARKED, lexicon=Lexicon(["كت", "ب"])),
+    }
+
+
+def test_tashkeel_tokens_are_combining_marks():
+    from worker.decoding import is_combining_mark
+
+    assert MARKED.mark_ids == {FA, DA, SH}
+    assert VOCABULARY.mark_ids == frozenset()
+    assert all(is_combining_mark(chr(c)) for c in [*range(0x064B, 0x0660), 0x0670])
+    assert not any(is_combining_mark(t) for t in ["", "ا", "|", "<pad>", "ـ", FATHA + "ا"])
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam", "beam + list"])
+def test_a_mark_after_a_word_delimiter_joins_the_word_before_it(name):
+    """A production checkpoint's vowel mark emitted after the pause closing its word (كت | َ | ب) used to be a
+    word of its own ("كت َ ب"); it belongs to the letter before it."""
+    lp = marked_frames(
+        *spelled(K, T), {DELIMITER: 0.95}, {FA: 0.95}, {0: 0.95}, {DELIMITER: 0.95}, {0: 0.95}, *spelled(B)
+    )
+    out = postprocess(lp, MARKED, 0.02, decoder=marked_decoders()[name])
+    assert out.text == "كت" + FATHA + " ب"
+    assert [w.word for w in out.words] == ["كت" + FATHA, "ب"]
+    assert out.words[0].start == 0.0 and out.words[0].end == pytest.approx(0.12)  # through the mark's frame
+    assert out.words[1].start == pytest.approx(0.18)
+    assert all(0 < w.confidence <= 1 for w in out.words)
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam", "beam + list"])
+def test_a_mark_right_after_the_delimiter_stays_with_the_word_before_and_not_the_next(name):
+    lp = marked_frames(*spelled(K, T), {DELIMITER: 0.95}, {DA: 0.95}, *spelled(B, T))
+    out = postprocess(lp, MARKED, 0.02, decoder=marked_decoders()[name])
+    assert [w.word for w in out.words] == ["كت" + DAMMA, "بت"]
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam"])
+def test_a_mark_with_no_letter_before_it_is_dropped(name):
+    lp = marked_frames(*spelled(FA), {DELIMITER: 0.95}, *spelled(K, T))
+    out = postprocess(lp, MARKED, 0.02, decoder=marked_decoders()[name])
+    assert [w.word for w in out.words] == ["كت"]
+    only_marks = marked_frames(*spelled(FA, DA))
+    assert postprocess(only_marks, MARKED, 0.02, decoder=marked_decoders()[name]).words == []
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam"])
+def test_marks_inside_a_word_stay_in_place(name):
+    lp = marked_frames(*spelled(K, SH, FA, T, DA), {DELIMITER: 0.95}, *spelled(B, FA))
+    out = postprocess(lp, MARKED, 0.02, decoder=marked_decoders()[name])
+    assert out.text == f"ك{SHADDA}{FATHA}ت{DAMMA} ب{FATHA}"
+
+
+@pytest.mark.parametrize("name", ["greedy", "beam"])
+def test_evaluates_word_list_matches_the_words_with_marks(name):
+    """`arabic-words evaluate` zips each transcript's words with ``word_correctness`` (strict): the counts must
+    agree, which a lone mark (a word that normalizes to nothing) broke."""
+    from arabic_words.metrics import word_correctness
+
+    lp = marked_frames(*spelled(K, T), {DELIMITER: 0.95}, *spelled(FA), {DELIMITER: 0.95}, *spelled(B, DA))
+    out = postprocess(lp, MARKED, 0.02, decoder=marked_decoders()[name])
+    correct = word_correctness("كت بت", out.text)
+    assert len(correct) == len(out.words) == 2
+    assert correct == [True, False]
+
+
+TASHKEEL = [chr(c) for c in range(0x064B, 0x0653)] + ["\u0670"]  # harakat, tanween, shadda, sukun; superscript alef
+
+
+def save_tiny_wav2vec2_with_tashkeel(path, emit: str = "كت|" + FATHA + DAMMA):
+    """``tests.conftest.save_tiny_wav2vec2`` with tashkeel in the vocabulary, as many production Arabic checkpoints
+    have; its head is biased so that its random frames are the labels of ``emit`` (letters, the delimiter and marks
+    in turn: marks right after a delimiter among them) and seldom anything else."""
+    import json
+
+    import torch
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
+
+    from shared.text import ARABIC_LETTERS
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokens = ["<pad>", "<unk>", "|", *ARABIC_LETTERS, *TASHKEEL]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), pad_token="<pad>", unk_token="<unk>")
+    config = Wav2Vec2Config(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, pad_token_id=0,
+        feat_extract_norm="layer", do_stable_layer_norm=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Wav2Vec2ForCTC(config).eval()
+    with torch.no_grad():  # centre each emitted label's logit over a clip, so that the frames take turns
+        model.lm_head.weight.mul_(50)
+        model.lm_head.bias.zero_()
+        noise = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 32_000)).astype(np.float32)) * 0.1
+        mean = model(noise).logits[0].mean(0)
+        model.lm_head.bias.fill_(-1e3)
+        emitted = [vocab[t] for t in emit]
+        model.lm_head.bias[emitted] = -mean[emitted]
+    model.save_pretrained(path)
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tashkeel_model(tmp_path_factory):
+    return load_model(str(save_tiny_wav2vec2_with_tashkeel(tmp_path_factory.mktemp("tashkeel"))))
+
+
+def test_a_checkpoint_with_tashkeel_in_its_vocabulary_splits_words_at_letters(tashkeel_model):
+    from dataclasses import replace
+
+    from arabic_words.metrics import word_correctness
+    from worker.model import build_decoder
+    from worker.pipeline import postprocess as pipeline_postprocess
+
+    vocabulary = tashkeel_model.vocabulary
+    assert {vocabulary.id_to_token[i] for i in vocabulary.mark_ids} == set(TASHKEEL)
+    ids = {token: vocabulary.id_to_token.index(token) for token in ("ك", "ت", "ب", "|", FATHA)}
+    n = len(vocabulary.id_to_token)
+    rows = [ids["ك"], 0, ids["ت"], ids["|"], ids[FATHA], 0, ids["|"], ids["ب"], 0]
+    probs = np.full((len(rows), n), 0.05 / (n - 1))
+    probs[np.arange(len(rows)), rows] = 0.95
+    audio = np.zeros(len(rows) * 320, np.float32)
+    beam = build_decoder(tashkeel_model, Settings())
+    assert beam is not None and beam.lexicon is not None  # tashkeel do not stop the Arabic word list applying
+    for decoder in (None, beam):
+        out = pipeline_postprocess(replace(tashkeel_model, decoder=decoder), audio, np.log(probs))
+        assert [w.word for w in out.words] == ["كت" + FATHA, "ب"]
+        assert len(word_correctness("كتب ب", out.text)) == len(out.words)
+
+
+def test_a_tashkeel_checkpoints_own_frames_never_give_a_word_without_a_letter(tashkeel_model):
+    """The random checkpoint's forward pass on the fixtures: its frames put marks right after word delimiters
+    (counted), and every word still holds a letter, so `evaluate`'s strict zip holds."""
+    from pathlib import Path
+
+    from arabic_words.metrics import word_correctness
+    from shared.text import normalize_loose
+    from tests.conftest import read_transcripts
+    from worker.asr import infer
+    from worker.audio import decode
+    from worker.decoding import greedy_labels
+    from worker.pipeline import postprocess as pipeline_postprocess
+
+    vocabulary = tashkeel_model.vocabulary
+    data = Path(__file__).parent / "data"
+    marks_after_delimiter = 0
+    for name, expected in sorted(read_transcripts().items()):
+        if not name.endswith(".flac"):
+            continue
+        audio = decode((data / name).read_bytes(), max_audio_s=30)
+        log_probs = infer(tashkeel_model, audio)
+        labels = greedy_labels(log_probs, vocabulary.blank_id)
+        marks_after_delimiter += sum(
+            a == vocabulary.delimiter_id and b in vocabulary.mark_ids for a, b in zip(labels, labels[1:], strict=False)
+        )
+        out = pipeline_postprocess(tashkeel_model, audio, log_probs)
+        assert out.words and all(normalize_loose(w.word) for w in out.words), out.text
+        assert len(word_correctness(expected, out.text)) == len(out.words)
+    assert marks_after_delimiter >= 5

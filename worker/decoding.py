@@ -16,6 +16,7 @@ lowest of its words'. With no words, it is the mean blank posterior (sure that n
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -35,6 +36,9 @@ class Vocabulary:
     blank_id: int
     delimiter_id: int | None  # the word delimiter's label; None when the vocabulary has none
     skip_ids: frozenset[int]  # labels that write nothing ([UNK], <s>, unused ids); never the blank or the delimiter
+    # combining marks written as labels of their own (tashkeel in many production Arabic vocabularies): they belong
+    # to the letter before them, so they never start a word (``is_combining_mark``)
+    mark_ids: frozenset[int] = frozenset()
 
     @classmethod
     def from_tokens(
@@ -47,11 +51,18 @@ class Vocabulary:
         delimiter_id = tokens.index(delimiter) if delimiter in tokens else None
         unused = {i for i, token in enumerate(tokens) if not token}
         skip = (frozenset(special_ids) | unused) - {blank_id, delimiter_id}
-        return cls(tokens, blank_id, delimiter_id, skip)
+        marks = {i for i, token in enumerate(tokens) if is_combining_mark(token)} - skip - {blank_id, delimiter_id}
+        return cls(tokens, blank_id, delimiter_id, skip, frozenset(marks))
 
     def token(self, label: int) -> str:
         """The label's token; "" for a logit column past the vocabulary (some checkpoints' heads have more)."""
         return self.id_to_token[label] if label < len(self.id_to_token) else ""
+
+
+def is_combining_mark(token: str) -> bool:
+    """A token of nonspacing combining marks only (Unicode Mn): Arabic tashkeel U+064B-U+065F, the superscript
+    alef U+0670, Quranic marks. Written after the letter they mark, never as a word of their own."""
+    return bool(token) and all(unicodedata.category(ch) == "Mn" for ch in token)
 
 
 @dataclass(frozen=True)
@@ -82,8 +93,9 @@ def postprocess(
         spans = _greedy_words(log_probs, vocabulary)
     else:
         beam = decoder.search(log_probs)
-        spans = _aligned_words(log_probs, beam[0][0], blank_id, delimiter_id)
-        agreement = _beam_agreement([labels for _, _, labels in spans], beam, delimiter_id)
+        marks = vocabulary.mark_ids
+        spans = _aligned_words(log_probs, beam[0][0], blank_id, delimiter_id, marks)
+        agreement = _beam_agreement([labels for _, _, labels in spans], beam, delimiter_id, marks)
 
     words = []
     for k, (start, end, word_labels) in enumerate(spans):
@@ -146,7 +158,9 @@ def greedy_labels(scores: np.ndarray, blank_id: int) -> list[int]:
 
 
 def _greedy_words(log_probs: np.ndarray, vocabulary: Vocabulary) -> list[tuple[int, int, list[int]]]:
-    """Best-path decoding: each word's first frame, end frame and labels."""
+    """Best-path decoding: each word's first frame, end frame and labels. A combining mark where no word has begun
+    (after a delimiter: a production checkpoint may emit a word's last vowel mark after the pause) joins the word
+    before it; with no word before it, it is dropped."""
     blank_id, delimiter_id, skip_ids = vocabulary.blank_id, vocabulary.delimiter_id, vocabulary.skip_ids
     spans: list[tuple[int, int, list[int]]] = []
     labels: list[int] = []
@@ -164,6 +178,11 @@ def _greedy_words(log_probs: np.ndarray, vocabulary: Vocabulary) -> list[tuple[i
             continue
         if label == blank_id or label in skip_ids or not token:
             continue
+        if not labels and label in vocabulary.mark_ids:
+            if spans:
+                first, _, previous = spans[-1]
+                spans[-1] = (first, end, [*previous, label])
+            continue
         if not labels:
             word_start = start
         labels.append(label)
@@ -175,24 +194,32 @@ def _greedy_words(log_probs: np.ndarray, vocabulary: Vocabulary) -> list[tuple[i
 # -- beam search --------------------------------------------------------------------------------------------------
 
 
-def _word_positions(labels: list[int], delimiter_id: int | None) -> list[list[int]]:
-    """Indices into ``labels`` of each word's letters (words are split at the delimiter; empty ones dropped)."""
+def _word_positions(
+    labels: list[int], delimiter_id: int | None, mark_ids: frozenset[int] = frozenset()
+) -> list[list[int]]:
+    """Indices into ``labels`` of each word's letters (words are split at the delimiter; empty ones dropped). A
+    combining mark (``mark_ids``) that would begin a word belongs to the word before it (dropped if none)."""
     words: list[list[int]] = [[]]
     for i, label in enumerate(labels):
         if label == delimiter_id:
             words.append([])
+        elif label in mark_ids and not words[-1]:
+            before = next((word for word in reversed(words) if word), None)
+            if before is not None:
+                before.append(i)
         else:
             words[-1].append(i)
     return [word for word in words if word]
 
 
 def _beam_agreement(
-    chosen: list[list[int]], beam: list[tuple[list[int], float]], delimiter_id: int | None
-) -> list[float]:
+    chosen: list[list[int]], beam: list[tuple[list[int], float]], delimiter_id: int | None,
+    mark_ids: frozenset[int] = frozenset(),
+) -> list[float]:  # fmt: skip
     """For each chosen word: the beam's probability share of hypotheses with the same word in the same place."""
     shares = [0.0] * len(chosen)
     for labels, share in beam:
-        words = [[labels[i] for i in word] for word in _word_positions(labels, delimiter_id)]
+        words = [[labels[i] for i in word] for word in _word_positions(labels, delimiter_id, mark_ids)]
         for k, word in enumerate(chosen):
             if k < len(words) and words[k] == word:
                 shares[k] += share
@@ -200,14 +227,16 @@ def _beam_agreement(
 
 
 def _aligned_words(
-    log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None
-) -> list[tuple[int, int, list[int]]]:
-    """A decoded label sequence split into words at the delimiter, each timed by the Viterbi alignment."""
+    log_probs: np.ndarray, labels: list[int], blank_id: int, delimiter_id: int | None,
+    mark_ids: frozenset[int] = frozenset(),
+) -> list[tuple[int, int, list[int]]]:  # fmt: skip
+    """A decoded label sequence split into words at the delimiter (combining marks kept with the letter before
+    them, ``_word_positions``), each timed by the Viterbi alignment."""
     # the beam built ``labels`` from these frames, so a path exists; a NaN frame would leave none: no timings then
     timed = align(log_probs, labels, blank_id) or [(0, 0)] * len(labels)
     return [
         (timed[word[0]][0], timed[word[-1]][1], [labels[i] for i in word])
-        for word in _word_positions(labels, delimiter_id)
+        for word in _word_positions(labels, delimiter_id, mark_ids)
     ]
 
 
