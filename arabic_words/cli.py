@@ -124,12 +124,11 @@ def _rate(value: str) -> int:
 
 def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
     """Create, list and revoke API keys (stored in Redis as a hash; a new key is printed once)."""
-    import redis
-
     from shared.access import KeyStore, Limits
+    from shared.redis_client import connect
 
     _require_redis(settings)
-    store = KeyStore(redis.Redis.from_url(settings.REDIS_URL))
+    store = KeyStore(connect(settings.REDIS_URL))
     if args.action == "create":
         limits = Limits(
             settings.RATE_LIMIT_PER_MIN if args.rate is None else args.rate,
@@ -158,12 +157,11 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_vocabulary(args: argparse.Namespace, settings: Settings) -> int:
     """Word lists registered on the server, for requests that name one (``vocabulary=NAME``)."""
-    import redis
-
+    from shared.redis_client import connect
     from shared.vocabularies import InvalidVocabulary, VocabularyStore
 
     _require_redis(settings)
-    store = VocabularyStore(redis.Redis.from_url(settings.REDIS_URL))
+    store = VocabularyStore(connect(settings.REDIS_URL))
     if args.action == "add":
         try:
             words = store.add(args.name, Path(args.file).read_text(encoding="utf-8"))

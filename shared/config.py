@@ -31,7 +31,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=True, frozen=True, extra="forbid")
 
     # ------------------------------------------------------------------------------------------- Redis and jobs
-    # Redis: broker, job records and uploads. Empty = `arabic-words run` starts its own embedded server.
+    # Redis: broker, job records and uploads. Empty = `arabic-words run` starts its own embedded server. One Redis:
+    # redis://[[user]:password@]host[:port][/db] (rediss:// for TLS, unix:// for a socket). Past one Redis, the master
+    # of a Redis Sentinel group, followed through a failover by the job store and Celery's broker alike:
+    # sentinel://[[user]:password@]host:26379;sentinel://host2:26379;...[/db]?master_name=NAME (the password is the
+    # master's; `&sentinel_password=...` if the sentinels have one of their own). See shared/redis_client.py.
     REDIS_URL: str = ""
     # Port of that embedded server; 0 = any free port.
     REDIS_PORT: int = Field(0, ge=0, le=65535)
@@ -168,6 +172,14 @@ class Settings(BaseSettings):
         """Every lane, the one a worker takes first first."""
         return self.QUEUE, self.batch_queue
 
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        from shared.redis_client import check_url  # imports redis-py only; the message names no password
+
+        check_url(value)
+        return value
+
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -218,7 +230,7 @@ def _is_loopback(host: str) -> bool:
 
 
 # never echoed in an error message (logs are read by more people than the secrets are meant for)
-_SECRETS = {"FLOWER_BASIC_AUTH"}
+_SECRETS = {"FLOWER_BASIC_AUTH", "REDIS_URL"}
 
 
 def _one_line(exc: ValidationError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from shared.config import Settings
+from shared.redis_client import is_sentinel_url, parse_sentinel_url
 
 TRANSCRIBE_TASK = "arabic_words.transcribe"
 
@@ -14,8 +15,20 @@ def enqueue(celery: Celery, job_id: str, queue: str) -> None:
     celery.send_task(TRANSCRIBE_TASK, args=[job_id], queue=queue, task_id=job_id)
 
 
+def broker(settings: Settings) -> tuple[str, dict]:
+    """(broker URL, transport options) for REDIS_URL: a plain Redis URL as it is; a ``sentinel://`` one
+    (shared/redis_client.py) in the terms of kombu's Sentinel transport, which reads the master's name (and the
+    sentinels' password) from transport options, not from the URL, and the master's password and database from each
+    ``;``-separated URL."""
+    if not is_sentinel_url(settings.REDIS_URL):
+        return settings.REDIS_URL, {}
+    parsed = parse_sentinel_url(settings.REDIS_URL)
+    return parsed.kombu_url(), parsed.kombu_transport_options()
+
+
 def make_celery(settings: Settings, main: str = "arabic_words") -> Celery:
-    app = Celery(main, broker=settings.REDIS_URL)
+    broker_url, sentinel_options = broker(settings)
+    app = Celery(main, broker=broker_url)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -37,6 +50,7 @@ def make_celery(settings: Settings, main: str = "arabic_words") -> Celery:
         broker_transport_options={
             "visibility_timeout": settings.broker_visibility_timeout_s,
             "queue_order_strategy": "priority",
+            **sentinel_options,  # a sentinel:// REDIS_URL: the master's name; kombu follows a failover
         },
         broker_connection_retry_on_startup=True,
         worker_proc_alive_timeout=settings.WORKER_INIT_TIMEOUT_S,  # model loads take longer than the 4 s default

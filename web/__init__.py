@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import redis
 from celery import Celery
 from flask import Flask, current_app
 
@@ -14,6 +13,7 @@ from shared.cache import ResultCache
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.queue import make_celery
+from shared.redis_client import connect
 from shared.vocabularies import VocabularyStore
 from web.waiting import JobWaiter
 
@@ -49,7 +49,7 @@ def create_app(config: Settings | dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.MAX_UPLOAD_BYTES + _MULTIPART_OVERHEAD
     app.json.ensure_ascii = False  # Arabic text stays readable in responses
-    client = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+    client = connect(settings.REDIS_URL, health_check_interval=30)
     store = JobStore(client, settings)
     app.extensions["arabic_words"] = Services(
         settings=settings,

@@ -16,6 +16,7 @@ import redis
 from shared import keys
 from shared.config import Settings
 from shared.jobs import JobStore
+from shared.redis_client import connect
 from worker import metrics
 from worker.asr import LoadedModel, infer_batch, select_device, warm_up
 from worker.batching import DynamicBatcher
@@ -60,7 +61,7 @@ def init_process(settings: Settings, send: Callable[[str, str], None], process_i
         batcher = DynamicBatcher(run_batch, settings.BATCH_MAX_SIZE, settings.BATCH_WINDOW_MS / 1000)
         batch_sizes = tuple(sorted({1, min(4, settings.BATCH_MAX_SIZE), settings.BATCH_MAX_SIZE}))
     warm_ms = warm_up(model, batch_sizes=batch_sizes)  # the shapes it will serve (GPU kernels, allocator)
-    client = redis.Redis.from_url(settings.REDIS_URL)
+    client = connect(settings.REDIS_URL)
     name = process_name()
     store = JobStore(client, settings)
     _state = WorkerState(settings=settings, model=model, store=store, name=name, batcher=batcher, fault=fault)
@@ -105,7 +106,7 @@ def init_failure_backoff_s(settings: Settings) -> tuple[float, int]:
     counted per worker parent in Redis, so a broken model does not make the pool spin."""
     parent = process_name(os.getppid())
     try:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
+        client = connect(settings.REDIS_URL, socket_timeout=2)
         failures = int(client.incr(keys.init_failures(parent)))
         client.expire(keys.init_failures(parent), 600)
     except redis.RedisError:

@@ -22,6 +22,7 @@ from shared.cache import ResultCache
 from shared.config import Settings
 from shared.jobs import ClaimOutcome, JobStore
 from shared.queue import TRANSCRIBE_TASK
+from shared.redis_client import connect
 from shared.schema import ErrorCode, JobError
 from worker import metrics
 from worker.audio import InvalidAudio
@@ -34,6 +35,9 @@ T = TypeVar("T")
 
 _TIMEOUT = JobError(ErrorCode.TIMEOUT.value, "transcription took too long")
 _INTERNAL = JobError(ErrorCode.INTERNAL.value, "internal error while transcribing")
+# Redis away for a while (a restart, a Sentinel failover): retried, never a failed job. READONLY is a client still
+# talking to a demoted master (a plain URL behind DNS or a proxy; a Sentinel client turns it into a ConnectionError).
+_REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError, redis.ReadOnlyError)
 
 
 class TranscriptionTask(Task):
@@ -46,7 +50,7 @@ class TranscriptionTask(Task):
         # Celery calls this in the prefork parent when a hard time limit killed the child: the job that child held
         # is failed here, or it would stay `processing` until its lease ran out.
         if isinstance(exc, TimeLimitExceeded) and args:
-            client = redis.Redis.from_url(self.settings.REDIS_URL, socket_timeout=5)
+            client = connect(self.settings.REDIS_URL, socket_timeout=5)
             try:
                 if JobStore(client, self.settings).fail(args[0], _TIMEOUT):
                     metrics.job_failed(_TIMEOUT.code)
@@ -70,7 +74,7 @@ def _with_redis(worker: WorkerState, what: str, call: Callable[[], T]) -> T:
     while True:
         try:
             return call()
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+        except _REDIS_AWAY as exc:
             if time.monotonic() + delay > deadline:
                 log.error("redis unreachable for %.0f s (%s): message handed back", worker.settings.REDIS_RETRY_S, what)
                 raise Reject(exc, requeue=True) from exc
