@@ -30,7 +30,7 @@ unit: install
 
 # Every chaos scenario at full size (SIGKILL x 20, whole-worker kills x 5, ...); `make test` runs each once.
 chaos: install
-	CHAOS_FULL=1 $(PY) -m pytest -q -m chaos tests/test_chaos.py
+	CHAOS_FULL=1 $(PY) -m pytest -q -m chaos tests/test_chaos.py tests/test_sentinel.py
 
 lint: install
 	$(VENV)/bin/ruff check .

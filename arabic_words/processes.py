@@ -41,11 +41,13 @@ def web_argv(settings: Settings) -> list[str]:
 
 
 def flower_argv(settings: Settings) -> list[str]:
-    """Flower on the broker. Neither the broker URL (``CELERY_BROKER_URL``) nor the basic-auth credentials
+    """Flower on the broker (the service's Celery configuration: ``arabic_words/flower_app.py``). Neither the broker
+    URL (``REDIS_URL``) nor the basic-auth credentials
     (``FLOWER_BASIC_AUTH``, which Flower reads from its environment: ``flower_env``) are on the command line, which
     every user of the machine can read in ``ps``. Without credentials it listens on localhost only: never open
     without a password."""
-    argv = [sys.executable, "-m", "celery", "flower", f"--port={settings.FLOWER_PORT}", "--purge_offline_workers=60"]
+    argv = [sys.executable, "-m", "celery", "-A", "arabic_words.flower_app", "flower", f"--port={settings.FLOWER_PORT}",
+            "--purge_offline_workers=60"]  # fmt: skip
     return [*argv, "--address=0.0.0.0" if flower_credentials(settings) else "--address=127.0.0.1"]
 
 
