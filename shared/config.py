@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     ASR_LEXICON: str = str(BUNDLED_LEXICON)
     # Log-probability a word outside the list costs in the beam search (0 = the list changes nothing).
     ASR_LEXICON_PENALTY: float = Field(2.0, ge=0)
+    # Voice activity detection before the model (worker/vad.py, WebRTC's detector): `on` runs the model only on the
+    # stretch from the first to the last speech in a recording, plus VAD_MARGIN_S either side (word timings stay the
+    # whole recording's), and fails a recording without speech as `silent` without running the model. `off` gives
+    # the model every sample.
+    VAD: Literal["on", "off"] = "on"
+    # Seconds kept before the first and after the last frame the detector calls speech (soft word edges it may miss).
+    VAD_MARGIN_S: float = Field(0.25, ge=0, le=5)
 
     # ------------------------------------------------------------------------------------------------ worker
     # Dynamic batching: >1 runs the worker with a threads pool of this many jobs whose forward passes are grouped

@@ -4,7 +4,7 @@ load."""
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -13,10 +13,19 @@ from shared.config import ConfigError, Settings
 from worker.asr import LoadedModel, load_model
 from worker.decoding import BeamDecoder
 from worker.lexicon import Lexicon
+from worker.vad import SpeechDetector
 
 log = logging.getLogger(__name__)
 
 MIN_ARABIC_SHARE = 0.8  # of a vocabulary's letters, for the Arabic word list to apply
+
+
+@dataclass
+class ConfiguredModel(LoadedModel):
+    """A loaded model with what the settings put around it: the speech detector that trims non-speech before it
+    (None: ``VAD=off``; ``worker.pipeline.speech_span``)."""
+
+    vad: SpeechDetector | None = None
 
 
 class ModelLoadError(ConfigError):
@@ -24,9 +33,9 @@ class ModelLoadError(ConfigError):
     without internet, a missing word list); the message is one line naming the setting."""
 
 
-def load_configured_model(settings: Settings, device: torch.device) -> LoadedModel:
-    """The model, backend, cache and decoder the settings name (the worker and `arabic-words transcribe` and
-    `evaluate` all use it)."""
+def load_configured_model(settings: Settings, device: torch.device) -> ConfiguredModel:
+    """The model, backend, cache, decoder and speech detector the settings name (the worker and `arabic-words
+    transcribe` and `evaluate` all use it)."""
     try:
         model = load_model(
             settings.ASR_MODEL,
@@ -41,7 +50,9 @@ def load_configured_model(settings: Settings, device: torch.device) -> LoadedMod
         decoder = build_decoder(model, settings)
     except OSError as exc:
         raise ModelLoadError(f"ASR_LEXICON={settings.ASR_LEXICON!r} could not be read: {_first_line(exc)}") from exc
-    return replace(model, decoder=decoder)
+    vad = SpeechDetector(margin_s=settings.VAD_MARGIN_S) if settings.VAD == "on" else None
+    loaded = {f.name: getattr(model, f.name) for f in fields(model)}
+    return ConfiguredModel(**(loaded | {"decoder": decoder}), vad=vad)
 
 
 def _first_line(exc: BaseException) -> str:
