@@ -174,6 +174,18 @@ def test_quiet_speech_is_found_whatever_its_level(gain_db):
     assert start > 0 and end < len(audio)
 
 
+@pytest.mark.parametrize("seed", [9, 11])
+def test_a_faint_sound_above_the_background_is_never_silence(seed):
+    """A quarter second of hiss 6 dB over a steady background: no speech to WebRTC's detector on these two noises
+    (it models voiced speech, and called some whispered held-out words silence), so the energy over the background
+    keeps it."""
+    audio = noise(3.0, -60, seed=seed)
+    audio[20_000:24_000] += noise(0.25, -54, seed=seed + 1)
+    assert SpeechDetector(above_floor_db=None).speech_span(audio) is None
+    start, end = SpeechDetector().speech_span(audio)
+    assert start <= 20_000 - 0.2 * SAMPLE_RATE and end >= 24_000 + 0.2 * SAMPLE_RATE
+
+
 def test_a_tight_clip_is_left_whole():
     """Ends with less than MIN_TRIM_S to cut past the margin are kept: the saving would be small and transcripts
     move with small changes at the ends."""

@@ -8,12 +8,16 @@ that stretch by a margin on both sides; the pipeline runs the model on that stre
 no frame is speech as ``silent`` without running the model. Pauses between words are never cut: only the two ends.
 Measurements, and why WebRTC's detector rather than Silero's: docs/design.md (*Skipping silence*).
 
-Three things make it safe on any recording (when in doubt, audio is kept):
+What makes it safe on any recording (when in doubt, audio is kept):
 
 - Level: WebRTC's detector judges by energy as well as spectrum, and missed a word recorded 55 dB too quietly (the
   model, which normalizes its input, still read it). Each clip is scaled so that its 95th-percentile 30 ms frame is
   at ``LEVEL_DBFS`` before the detector sees it (the percentile, not the loudest frame, so that one click cannot
   leave quiet speech quiet).
+- Sounds it does not know: WebRTC's detector models voiced speech, and called some whispered held-out words (espeak's
+  ``whisper`` voice) no speech at all. A frame whose pre-emphasized energy is ``ABOVE_FLOOR_DB`` over the clip's
+  background (its 10th-percentile frame) counts as speech too, whatever the detector says: only a clip of steady
+  background is ever ``silent``.
 - Warm-up: the detector adapts a noise model as it goes, starting from fixed values, so on plain noise its first
   ~100 ms are speech. Each clip goes through it twice; the first pass only lets the noise model settle on this clip's
   background. The jump from the clip's end back to its start, and an AAC encoder's last frame, can still make a run
@@ -48,6 +52,11 @@ EDGE_BLIP_FRAMES = 3  # at most this many speech frames at an edge, beside other
 # is not speech to it; white noise at -20 dBFS is.
 LEVEL_DBFS = -30.0
 LEVEL_PERCENTILE = 95.0
+# A frame this much louder than the background (dB, after pre-emphasis: a room's low rumble hardly counts, consonants
+# do) is speech whatever the detector says. Steady noise varies far less from frame to frame (white: under 1 dB).
+ABOVE_FLOOR_DB = 6.0
+FLOOR_PERCENTILE = 10.0  # the background: this percentile of the clip's frames (digital silence left out)
+PRE_EMPHASIS = 0.97
 
 
 @dataclass(frozen=True)
@@ -59,27 +68,27 @@ class SpeechDetector:
     aggressiveness: int = AGGRESSIVENESS
     level_dbfs: float | None = LEVEL_DBFS
     level_percentile: float = LEVEL_PERCENTILE
+    above_floor_db: float | None = ABOVE_FLOOR_DB
 
     def speech_frames(self, audio: np.ndarray) -> np.ndarray:
-        """One bool per whole 30 ms frame of ``audio``: speech or not (the second of two passes)."""
+        """One bool per whole 30 ms frame of ``audio``: speech to WebRTC's detector (less runs at the edges that
+        ``_without_edge_blips`` drops), or at least ``ABOVE_FLOOR_DB`` louder than the clip's background."""
         n_frames = len(audio) // _FRAME
-        frames = audio[: n_frames * _FRAME]
+        frames = audio[: n_frames * _FRAME].reshape(n_frames, _FRAME)
+        rms = np.sqrt(np.mean(np.square(frames), axis=1))
+        sounding = rms[rms > 0]  # digital silence says nothing about the recording's level or its background
+        if not len(sounding):
+            return np.zeros(n_frames, dtype=bool)
         gain = 32767.0
-        if self.level_dbfs is not None and n_frames:
-            rms = np.sqrt(np.mean(np.square(frames.reshape(n_frames, _FRAME)), axis=1))
-            sounding = rms[rms > 0]  # digital silence says nothing about the recording's level
-            if len(sounding):
-                gain *= 10 ** (self.level_dbfs / 20) / float(np.percentile(sounding, self.level_percentile))
-        pcm = np.clip(frames * np.float32(gain), -32768.0, 32767.0).astype(np.int16).tobytes()
-        frame_bytes = 2 * _FRAME
-        vad = webrtcvad.Vad(self.aggressiveness)
-        for i in range(n_frames):  # first pass: the noise model settles on this clip's background
-            vad.is_speech(pcm[i * frame_bytes : (i + 1) * frame_bytes], SAMPLE_RATE)
-        return np.fromiter(
-            (vad.is_speech(pcm[i * frame_bytes : (i + 1) * frame_bytes], SAMPLE_RATE) for i in range(n_frames)),
-            dtype=bool,
-            count=n_frames,
-        )
+        if self.level_dbfs is not None:
+            gain *= 10 ** (self.level_dbfs / 20) / float(np.percentile(sounding, self.level_percentile))
+        voiced = _without_edge_blips(_webrtc_frames(frames, gain, self.aggressiveness))
+        if self.above_floor_db is None:
+            return voiced
+        # energy above the background, pre-emphasized (speech's consonants count, a room's rumble hardly)
+        emphasized = np.sqrt(np.mean(np.square(frames[:, 1:] - PRE_EMPHASIS * frames[:, :-1]), axis=1))
+        floor = float(np.percentile(emphasized[rms > 0], FLOOR_PERCENTILE))
+        return voiced | (emphasized >= floor * 10 ** (self.above_floor_db / 20))
 
     def speech_span(self, audio: np.ndarray) -> tuple[int, int] | None:
         """``(start, end)``: the samples from the first speech frame to the end of the last, widened by the margin
@@ -87,7 +96,7 @@ class SpeechDetector:
         speech. A clip shorter than a frame cannot be judged: all of it."""
         if len(audio) < _FRAME:
             return 0, len(audio)
-        speech = np.flatnonzero(_without_edge_blips(self.speech_frames(audio)))
+        speech = np.flatnonzero(self.speech_frames(audio))
         if not len(speech):
             return None
         margin = round(self.margin_s * SAMPLE_RATE)
@@ -96,6 +105,17 @@ class SpeechDetector:
         end = (int(speech[-1]) + 1) * _FRAME + margin
         # (the samples after the last whole frame were never judged: they go only with a trimmed end)
         return (start if start >= min_trim else 0), (end if end <= len(audio) - min_trim else len(audio))
+
+
+def _webrtc_frames(frames: np.ndarray, gain: float, aggressiveness: int) -> np.ndarray:
+    """WebRTC's verdict on each (n, 480) frame scaled by ``gain`` to int16: speech or not, from the second of two
+    passes (the first lets its noise model settle on this clip's background)."""
+    pcm = np.clip(frames * np.float32(gain), -32768.0, 32767.0).astype(np.int16)
+    chunks = [row.tobytes() for row in pcm]
+    vad = webrtcvad.Vad(aggressiveness)
+    for chunk in chunks:
+        vad.is_speech(chunk, SAMPLE_RATE)
+    return np.fromiter((vad.is_speech(chunk, SAMPLE_RATE) for chunk in chunks), dtype=bool, count=len(chunks))
 
 
 def _without_edge_blips(speech: np.ndarray) -> np.ndarray:
