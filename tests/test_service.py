@@ -47,7 +47,7 @@ def test_every_format_transcribes(client, name):
     result = done["result"]
     assert is_model_text(result["text"])  # Arabic letters and single spaces; accuracy: `arabic-words evaluate`
     assert 0.0 <= result["confidence"] <= 1.0
-    assert set(result["timings_ms"]) == {"queue", "decode", "inference", "total"}
+    assert set(result["timings_ms"]) == {"queue", "decode", "vad", "inference", "total"}  # VAD on, the default
     assert 0.5 < result["duration_s"] < 5
     assert [w["word"] for w in result["words"]] == result["text"].split()
     for word in result["words"]:
