@@ -2,8 +2,8 @@
 finishes at once from the stored result, without a worker.
 
 The key is the SHA-256 of the bytes plus a digest of everything that shapes the transcript: the model, its backend
-and decoder settings, and the request's vocabulary. What is stored is the result without its per-request parts
-(``expected``, which the web app computes again for the new request, and the timings); entries live
+and decoder settings, the silence trimming, and the request's vocabulary. What is stored is the result without its
+per-request parts (``expected``, which the web app computes again for the new request, and the timings); entries live
 ``RESULT_TTL_S``. ``CACHE=off`` turns it off.
 """
 
@@ -26,7 +26,7 @@ def content_digest(data: bytes) -> str:
 
 def _decoding(settings: Settings, vocabulary: list[str]) -> str:
     shaping = [settings.ASR_MODEL, settings.ASR_BACKEND, settings.ASR_BEAM_SIZE, settings.ASR_LEXICON,
-               settings.ASR_LEXICON_PENALTY, sorted(vocabulary)]  # fmt: skip
+               settings.ASR_LEXICON_PENALTY, settings.VAD, settings.VAD_MARGIN_S, sorted(vocabulary)]  # fmt: skip
     return hashlib.sha256(json.dumps(shaping, ensure_ascii=False).encode()).hexdigest()[:16]
 
 

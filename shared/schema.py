@@ -98,7 +98,7 @@ class TranscriptionResult:
     duration_s: Annotated[float, Field(description="seconds of audio")]
     model: Annotated[str, Field(description="the checkpoint that ran it (ASR_MODEL)")]
     timings_ms: Annotated[
-        dict[str, float], Field(description="milliseconds: queue, decode, batch_wait, inference, total")
+        dict[str, float], Field(description="milliseconds: queue, decode, vad, batch_wait, inference, total")
     ] = field(default_factory=dict)
     backend: Annotated[str, Field(description="the inference backend that ran it, e.g. onnx-int8")] = ""
     batch_size: Annotated[int, Field(description="clips in the forward pass it shared (dynamic batching)")] = 1

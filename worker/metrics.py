@@ -10,7 +10,8 @@ from prometheus_client import Counter, Histogram
 
 from shared.schema import ErrorCode
 
-STAGES = ("queue", "decode", "batch_wait", "inference", "total")  # a result's timings_ms (batch_wait: batching only)
+# a result's timings_ms (vad: with VAD on; batch_wait: batching only)
+STAGES = ("queue", "decode", "vad", "batch_wait", "inference", "total")
 # the codes a job fails with in a worker (the web answers the others as HTTP errors, counted by status)
 JOB_FAILURE_CODES = tuple(
     code.value
@@ -27,7 +28,7 @@ JOB_FAILURE_CODES = tuple(
 JOB_STAGE = Histogram(
     "arabic_words_job_stage_seconds",
     "Seconds a succeeded job spent in each stage (its result's timings_ms): queue (accepted to picked up), decode, "
-    "batch_wait, inference, total (accepted to stored)",
+    "vad, batch_wait, inference, total (accepted to stored)",
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
