@@ -266,7 +266,10 @@ def bench_service(runs: int, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test, not figures to quote)")
-    parser.add_argument("--only", default="decode,model,service")
+    parser.add_argument(
+        "--only", default="decode,model,service,vad,limits,lanes",
+        help="tables to run: decode, model, service, vad (bench.vad), limits (bench.limits), lanes (bench.lanes)",
+    )  # fmt: skip
     parser.add_argument("--models", default="bundled,base,large", help="for the model table")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -285,6 +288,12 @@ def main() -> None:
         )
     if "service" in parts:
         results["service"] = bench_service(max(5, runs // 2), args.threads)
+    # the newer benchmarks print their own tables (each also runs alone: python -m bench.<name>)
+    for name in ("vad", "limits", "lanes"):
+        if name in parts:
+            print(f"\n## {name} (python -m bench.{name})", flush=True)
+            module = __import__(f"bench.{name}", fromlist=["main"])
+            module.main(["--runs", "1"] if args.quick and name == "limits" else [])
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {HERE / 'results.json'}")
 

@@ -100,12 +100,12 @@ def measure(backend: str, runs: int, margin_s: float) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=21, help="timed runs of each method per clip (>= 11)")
     parser.add_argument("--backends", default="torch-fp32,auto")
     parser.add_argument("--margin", type=float, default=Settings().VAD_MARGIN_S, help="VAD_MARGIN_S (default: its)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     title = "## VAD: untrimmed (the model on the whole clip) vs trimmed (detector + model on the speech), ms, "
     title += f"median of {args.runs}; VAD_MARGIN_S {args.margin:g}; room noise {FLOOR_DBFS:g} dBFS; ratio = trimmed / "
     title += "untrimmed (target <= 0.40 on the 4 s clip); same: the two transcripts; ok: each is the fixture's text"
