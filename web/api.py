@@ -114,8 +114,10 @@ def _admit(store: JobStore, settings: Settings, queue: str) -> None:
 
 def submit() -> Job:
     """The one way a job is created, for every route that takes an upload (POST /v1/transcriptions and the
-    OpenAI-compatible route): read and check the upload and ``expected``, admission control, store the job under the
-    id ``auth.check_access`` reserved for it, queue its task. Raises ApiError (nothing stored or queued) otherwise."""
+    OpenAI-compatible route): read and check the upload, ``expected``, ``priority`` and ``vocabulary``; answer it at
+    once from the result cache when the same bytes were transcribed the same way; else admission control for its
+    lane, store the job under the id ``auth.check_access`` reserved for it, queue its task. Raises ApiError (nothing
+    stored or queued) otherwise."""
     started = time.perf_counter()
     app = services()
     settings, store = app.settings, app.store
