@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,11 +42,18 @@ def read_transcripts() -> dict[str, str]:
     return dict(line.split("\t", 1) for line in rows if line.strip())
 
 
-def save_tiny_wav2vec2(path: Path, mask_safe: bool = True) -> Path:
+def save_tiny_wav2vec2(
+    path: Path,
+    mask_safe: bool = True,
+    extra_tokens: tuple[str, ...] = (),
+    adjust: Callable[[Wav2Vec2ForCTC, dict[str, int]], None] | None = None,
+) -> Path:
     """A tiny raw-waveform wav2vec2 CTC checkpoint with random weights: the production architecture.
-    ``mask_safe``: large-style (layer norm, attention mask) or base-style (group norm, no mask)."""
+    ``mask_safe``: large-style (layer norm, attention mask) or base-style (group norm, no mask). ``extra_tokens``
+    join the vocabulary after the letters; ``adjust(model, vocab)`` may change the weights before they are saved."""
     path.mkdir(parents=True, exist_ok=True)
-    vocab = {"<pad>": 0, "<unk>": 1, "|": 2} | {c: i + 3 for i, c in enumerate(ARABIC_LETTERS)}
+    tokens = ["<pad>", "<unk>", "|", *ARABIC_LETTERS, *extra_tokens]
+    vocab = {token: i for i, token in enumerate(tokens)}
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), pad_token="<pad>", unk_token="<unk>")
     extractor = Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=mask_safe)
@@ -56,7 +63,10 @@ def save_tiny_wav2vec2(path: Path, mask_safe: bool = True) -> Path:
         pad_token_id=0, feat_extract_norm="layer" if mask_safe else "group", do_stable_layer_norm=mask_safe,
     )  # fmt: skip
     torch.manual_seed(0)
-    Wav2Vec2ForCTC(config).save_pretrained(path)
+    model = Wav2Vec2ForCTC(config).eval()
+    if adjust is not None:
+        adjust(model, vocab)
+    model.save_pretrained(path)
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
     return path
 

@@ -266,43 +266,21 @@ def save_tiny_wav2vec2_with_tashkeel(path, emit: str = "كت|" + FATHA + DAMMA):
     """``tests.conftest.save_tiny_wav2vec2`` with tashkeel in the vocabulary, as many production Arabic checkpoints
     have; its head is biased so that its random frames are the labels of ``emit`` (letters, the delimiter and marks
     in turn: marks right after a delimiter among them) and seldom anything else."""
-    import json
-
     import torch
-    from transformers import (
-        Wav2Vec2Config,
-        Wav2Vec2CTCTokenizer,
-        Wav2Vec2FeatureExtractor,
-        Wav2Vec2ForCTC,
-        Wav2Vec2Processor,
-    )
 
-    from shared.text import ARABIC_LETTERS
+    from tests.conftest import save_tiny_wav2vec2
 
-    path.mkdir(parents=True, exist_ok=True)
-    tokens = ["<pad>", "<unk>", "|", *ARABIC_LETTERS, *TASHKEEL]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    tokenizer = Wav2Vec2CTCTokenizer(str(path / "vocab.json"), pad_token="<pad>", unk_token="<unk>")
-    config = Wav2Vec2Config(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, pad_token_id=0,
-        feat_extract_norm="layer", do_stable_layer_norm=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Wav2Vec2ForCTC(config).eval()
-    with torch.no_grad():  # centre each emitted label's logit over a clip, so that the frames take turns
-        model.lm_head.weight.mul_(50)
-        model.lm_head.bias.zero_()
-        noise = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 32_000)).astype(np.float32)) * 0.1
-        mean = model(noise).logits[0].mean(0)
-        model.lm_head.bias.fill_(-1e3)
-        emitted = [vocab[t] for t in emit]
-        model.lm_head.bias[emitted] = -mean[emitted]
-    model.save_pretrained(path)
-    extractor = Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True)
-    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    def bias_head(model, vocab: dict[str, int]) -> None:
+        with torch.no_grad():  # centre each emitted label's logit over a clip, so that the frames take turns
+            model.lm_head.weight.mul_(50)
+            model.lm_head.bias.zero_()
+            noise = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 32_000)).astype(np.float32)) * 0.1
+            mean = model(noise).logits[0].mean(0)
+            model.lm_head.bias.fill_(-1e3)
+            emitted = [vocab[t] for t in emit]
+            model.lm_head.bias[emitted] = -mean[emitted]
+
+    return save_tiny_wav2vec2(path, extra_tokens=tuple(TASHKEEL), adjust=bias_head)
 
 
 @pytest.fixture(scope="module")
