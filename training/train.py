@@ -144,6 +144,20 @@ def collate(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
+def ctc_step(model, optimizer, x: torch.Tensor, mask: torch.Tensor, labels: list, device) -> float:
+    """One optimizer step on a padded batch: the CTC loss of ``labels`` (label ids, padded with -100), gradients
+    clipped at norm 5; returns the loss."""
+    y = torch.full((len(labels), max(len(label) for label in labels)), -100, dtype=torch.long)
+    for row, label in enumerate(labels):
+        y[row, : len(label)] = torch.tensor(label)
+    loss = model(input_features=x.to(device), attention_mask=mask.to(device), labels=y.to(device)).loss
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    optimizer.step()
+    return loss.item()
+
+
 def evaluate(model, processor, feats, texts, batch_size: int = 32) -> tuple[float, float]:
     """Greedy CTC decode; returns (CER, exact-utterance accuracy)."""
     model.eval()
@@ -275,15 +289,7 @@ def train(args, processor, train_batches, eval_feats, eval_texts, device, buffer
         for group in optimizer.param_groups:
             group["lr"] = lr_at(progress, step)
         x, mask = collate([f for f, _ in batch])
-        y = torch.full((len(batch), max(len(label) for _, label in batch)), -100, dtype=torch.long)
-        for row, (_, label) in enumerate(batch):
-            y[row, : len(label)] = torch.tensor(label)
-        loss = model(input_features=x.to(device), attention_mask=mask.to(device), labels=y.to(device)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(ctc_step(model, optimizer, x, mask, [label for _, label in batch], device))
         step += 1
         if step % 50 == 0:
             rate = (time.time() - start) / step

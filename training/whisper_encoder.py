@@ -578,7 +578,7 @@ def load_shards(data: Path, extractor, limit: int | None = None) -> tuple[list[n
 
 def finetune(args: argparse.Namespace) -> None:
     from training.synth import decode_any
-    from training.train import evaluate, fixed_batches
+    from training.train import ctc_step, evaluate, fixed_batches
     from worker.whisper_ctc import WhisperForCTC
 
     torch.manual_seed(args.seed)
@@ -632,15 +632,7 @@ def finetune(args: argparse.Namespace) -> None:
         for group, base in zip(optimizer.param_groups, (0.0 if frozen else args.lr, args.head_lr), strict=True):
             group["lr"] = base * scale(progress, step)
         x, mask = _collate(batch)
-        y = torch.full((len(batch), max(len(label) for _, label in batch)), -100, dtype=torch.long)
-        for row, (_, label) in enumerate(batch):
-            y[row, : len(label)] = torch.tensor(label)
-        loss = model(input_features=x.to(device), attention_mask=mask.to(device), labels=y.to(device)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(ctc_step(model, optimizer, x, mask, [label for _, label in batch], device))
         step += 1
         if step % args.log_every == 0:
             print(f"step {step} loss {np.mean(losses[-args.log_every :]):.3f} "
