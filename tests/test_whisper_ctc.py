@@ -152,6 +152,22 @@ def test_ctc_loss_falls_on_a_repeated_batch(tiny_whisper, clips):
     assert model.encoder.embed_positions.weight.grad is None  # the sinusoids stay as they are
 
 
+def test_the_shared_training_step_lowers_the_loss(tiny_whisper, clips):
+    """training.train.ctc_step, which both training loops call (the conformer's and this model's fine-tune)."""
+    from transformers import AutoProcessor
+
+    from training.train import ctc_step
+
+    processor = AutoProcessor.from_pretrained(tiny_whisper)
+    model = WhisperForCTC.from_pretrained(tiny_whisper).train()
+    inputs = processor.feature_extractor(list(clips.values()), sampling_rate=16_000, return_tensors="pt")
+    labels = [processor.tokenizer(text).input_ids for text in ("كتاب", "صباح الخير", "شكرا")]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = [ctc_step(model, optimizer, inputs["input_features"], inputs["attention_mask"], labels, "cpu")
+              for _ in range(8)]  # fmt: skip
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] * 0.8
+
+
 # -- the conversion -------------------------------------------------------------------------------------------
 def write_ctranslate2(path: Path, variables: dict[str, np.ndarray], aliases: dict[str, str]) -> None:
     """A CTranslate2 model.bin (binary version 6), written as CTranslate2's converter writes one."""

@@ -143,7 +143,6 @@ def collate(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
-@torch.inference_mode()
 def ctc_step(model, optimizer, x: torch.Tensor, mask: torch.Tensor, labels: list, device) -> float:
     """One optimizer step on a padded batch: the CTC loss of ``labels`` (label ids, padded with -100), gradients
     clipped at norm 5; returns the loss."""
@@ -158,6 +157,7 @@ def ctc_step(model, optimizer, x: torch.Tensor, mask: torch.Tensor, labels: list
     return loss.item()
 
 
+@torch.inference_mode()
 def evaluate(model, processor, feats, texts, batch_size: int = 32) -> tuple[float, float]:
     """Greedy CTC decode; returns (CER, exact-utterance accuracy)."""
     model.eval()
