@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     # Seconds a worker keeps retrying (with backoff) when Redis is unreachable mid-job before it hands the message
     # back to the broker; the job is never failed or acked away for it.
     REDIS_RETRY_S: float = Field(60.0, ge=0)
+    # Replicas that must hold an accepted job (its record, upload and task message) before the web answers 202, and a
+    # final state before the worker acks its message (Redis `WAIT`): replication is asynchronous, so without it a
+    # failover can lose what the dead master had not sent yet (docs/chaos.md). -1 = 1 with a sentinel:// REDIS_URL,
+    # else 0 (no WAIT: with no replica it would wait its whole timeout). A timeout is logged, not refused: the write
+    # is on the master already.
+    REDIS_REPLICA_ACKS: int = Field(-1, ge=-1)
+    # How long one `WAIT` may hold a request or a worker (ms).
+    REDIS_REPLICA_ACK_TIMEOUT_MS: int = Field(1000, ge=1)
     # The Celery queues: interactive jobs (a learner waiting) go to QUEUE, `priority=batch` jobs (backfills) to
     # BATCH_QUEUE (empty = QUEUE + "-batch"); every worker takes both and always the interactive queue first.
     QUEUE: str = Field("transcribe", pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -200,6 +208,12 @@ class Settings(BaseSettings):
         """Every setting as the environment variable that gives it (for the processes ``arabic-words run`` and the
         tests start)."""
         return {name: str(value) for name, value in self.model_dump().items()}
+
+    @property
+    def replica_acks(self) -> int:
+        if self.REDIS_REPLICA_ACKS >= 0:
+            return self.REDIS_REPLICA_ACKS
+        return 1 if self.REDIS_URL.startswith("sentinel://") else 0
 
     @property
     def auth_required(self) -> bool:

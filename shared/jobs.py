@@ -18,6 +18,7 @@ heartbeats compare on one clock whichever host wrote them.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -29,6 +30,8 @@ import redis
 from shared import keys
 from shared.config import Settings
 from shared.schema import ErrorCode, JobError, JobStatus
+
+log = logging.getLogger(__name__)
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -219,6 +222,7 @@ class JobStore:
         self._reap_check = client.register_script(_REAP_CHECK)
         self._requeue = client.register_script(_REQUEUE)
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._replicas_connected, self._replicas_read_at = -1, -1e9  # _replicas_to_wait_for's cached reading
 
     def create(
         self,
@@ -284,6 +288,38 @@ class JobStore:
             pipe.expire(keys.job(job_id), self.settings.RESULT_TTL_S)
             pipe.execute()
         return Job(job_id, JobStatus.SUCCEEDED, now, 0, expected, result, None, queue, key_id=key_id)
+
+    def replicate(self, job_id: str) -> None:
+        """Wait until ``settings.replica_acks`` replicas hold every write made so far (the job's record and upload,
+        the task message kombu sent on another connection, a final state): WAIT counts from this connection's last
+        write, and the replication offset is the master's, so one more write to the job's key covers them all."""
+        wanted = self._replicas_to_wait_for()
+        if wanted <= 0:
+            return
+        timeout_ms = self.settings.REDIS_REPLICA_ACK_TIMEOUT_MS
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(keys.job(job_id), self.settings.RESULT_TTL_S)
+            pipe.execute_command("WAIT", wanted, timeout_ms)
+            _, acked = pipe.execute()
+        if int(acked) < wanted:
+            log.warning("replica ack timeout job_id=%s acked=%s wanted=%d timeout_ms=%d", job_id, acked, wanted,
+                        timeout_ms)  # fmt: skip
+
+    def _replicas_to_wait_for(self) -> int:
+        """``settings.replica_acks``, or fewer while fewer replicas are connected (after a failover, until the old
+        master is back as a replica): a WAIT for one that is not there would hold every write its whole timeout and
+        protect nothing. The master's count is read at most once a second."""
+        wanted = self.settings.replica_acks
+        if wanted <= 0:
+            return 0
+        now = time.monotonic()
+        if now >= self._replicas_read_at + 1.0:
+            connected = int(self.redis.info("replication").get("connected_slaves", 0))
+            if connected < wanted and connected != self._replicas_connected:
+                log.warning("replicas connected=%d wanted=%d: writes are not replicated before they are acknowledged",
+                            connected, wanted)  # fmt: skip
+            self._replicas_connected, self._replicas_read_at = connected, now
+        return min(wanted, self._replicas_connected)
 
     def load(self, queue: str) -> tuple[int, tuple[int, int]]:
         """(messages waiting in ``queue``, (bytes Redis uses, its maxmemory or 0)) for admission control. Celery's
@@ -356,6 +392,8 @@ class JobStore:
             args=[job_id, status.value, field, json.dumps(value, ensure_ascii=False), owner,
                   "" if seconds is None else repr(float(seconds))],
         )  # fmt: skip
+        if changed:  # before the caller acks the task message: a failover must not take the final state back
+            self.replicate(job_id)
         return bool(changed)
 
     # ------------------------------------------------------------------------------------------- recovery

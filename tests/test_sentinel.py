@@ -368,3 +368,75 @@ def test_acknowledged_writes_and_asynchronous_replication(tmp_path):
         "ok": with_wait["missing"] == 0,
     })  # fmt: skip
     assert with_wait["missing"] == 0, measured
+
+
+def test_accepted_and_final_only_once_a_replica_has_them(tmp_path, caplog):
+    """REDIS_REPLICA_ACKS=1: the web answers 202, and JobStore stores a final state, only after `WAIT` says a replica
+    has it. The replica is SIGSTOPped (from outside; the master keeps the link, but nothing is acknowledged): both
+    then wait REDIS_REPLICA_ACK_TIMEOUT_MS and say so in the log; the writes are on the master and reach the replica
+    once it runs again. With REDIS_REPLICA_ACKS=0 nothing waits."""
+    import os
+
+    from shared.jobs import JobStore
+    from web import create_app
+
+    password, master_port, replica_port = secrets.token_hex(8), free_port(), free_port()
+    master = start_redis(master_port, tmp_path / "master", persistent=False, password=password)
+    replica = start_redis(replica_port, tmp_path / "replica", persistent=False, password=password,
+                          replicaof=master_port)  # fmt: skip
+    url = f"redis://:{password}@127.0.0.1:{master_port}/{DB}"
+    timeout_ms = 400
+    settings = chaos_settings(url, tmp_path / "cache", QUEUE="replica-acks", REDIS_REPLICA_ACKS=1,
+                              REDIS_REPLICA_ACK_TIMEOUT_MS=timeout_ms)  # fmt: skip
+    on_master = redis.Redis(port=master_port, password=password, db=DB)
+    on_replica = redis.Redis(port=replica_port, password=password, db=DB)
+
+    def post(client) -> tuple[str, float]:
+        started = time.monotonic()
+        response = client.post("/v1/transcriptions", data=CLIP, content_type="audio/webm")
+        assert response.status_code == 202, response.get_json()
+        return response.get_json()["id"], time.monotonic() - started
+
+    def timeouts() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "replica ack timeout" in r.getMessage()]
+
+    caplog.set_level("WARNING", logger="shared.jobs")
+    try:
+        wait_until(lambda: on_master.info("replication")["connected_slaves"] == 1, 30, "replica linked")
+        client = create_app(settings).test_client()
+        job_id, seconds = post(client)
+        assert seconds < timeout_ms / 1000 and not timeouts()
+        wait_until(lambda: on_replica.exists(keys.job(job_id)), 5, "replicated")
+
+        os.kill(replica.pid, signal.SIGSTOP)
+        job_id, seconds = post(client)
+        assert seconds >= timeout_ms / 1000, seconds
+        assert any(f"job_id={job_id} acked=0 wanted=1" in line for line in timeouts()), timeouts()
+        assert on_master.hget(keys.job(job_id), "status") == b"queued"  # accepted: the write is on the master
+        store = JobStore(connect(url), settings)
+        started = time.monotonic()
+        assert store.succeed(job_id, {"text": "مرحبا"})
+        assert time.monotonic() - started >= timeout_ms / 1000
+        assert sum(f"job_id={job_id}" in line for line in timeouts()) == 2, timeouts()
+
+        unreplicated = create_app(settings.replace(REDIS_REPLICA_ACKS=0)).test_client()
+        other_id, seconds = post(unreplicated)
+        assert seconds < timeout_ms / 1000 and sum(f"job_id={other_id}" in line for line in timeouts()) == 0
+
+        os.kill(replica.pid, signal.SIGCONT)
+        wait_until(lambda: on_replica.hget(keys.job(job_id), "status") == b"succeeded", 10, "final state replicated")
+
+        # no replica at all (after a failover, until the old master is back): nothing to wait for, and it is said
+        replica.kill()
+        replica.wait(timeout=10)
+        wait_until(lambda: on_master.info("replication")["connected_slaves"] == 0, 30, "replica gone")
+        time.sleep(1.1)  # the store reads the replica count at most once a second
+        job_id, seconds = post(client)
+        assert seconds < timeout_ms / 1000 and sum(f"job_id={job_id}" in line for line in timeouts()) == 0
+        assert any("replicas connected=0 wanted=1" in r.getMessage() for r in caplog.records)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(replica.pid, signal.SIGCONT)
+        for proc in (replica, master):
+            proc.terminate()
+            proc.wait(timeout=10)

@@ -135,6 +135,7 @@ def submit() -> Job:
             result["expected"] = compare_expected(expected, cached["text"]).to_dict()
         job = store.create_succeeded(result, expected=expected, job_id=auth.reserved_job_id(), queue=queue,
                                      key_id=key_id)  # fmt: skip
+        store.replicate(job.id)
         log.info("job answered from the cache job_id=%s subject=%s", job.id, caller.subject)
         return job
     _admit(store, settings, queue)
@@ -156,6 +157,7 @@ def submit() -> Job:
             "the queue is unavailable; the upload was not accepted, retry later",
             retry_after_s=5,
         ) from exc
+    store.replicate(job.id)  # 202 only once a replica has the job, where REDIS_REPLICA_ACKS asks for one
     auth.created()
     log.info("job queued job_id=%s bytes=%d subject=%s", job.id, len(data), caller.subject)
     return job
