@@ -196,7 +196,12 @@ class _RunnerBuilder:
             )
             decision["seconds"] = round(time.perf_counter() - started, 1)
             backends.store_choice(self.cache_dir, self.checkpoint(), machine, decision)
-        log.info("auto backend measured choice=%s measured=%s", decision["choice"], decision["measured"])
+        log.info(
+            "auto backend measured choice=%s accuracy=%s measured=%s",
+            decision["choice"],
+            decision["accuracy"],
+            decision["measured"],
+        )
         return Backend(decision["choice"]), decision
 
 

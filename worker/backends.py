@@ -7,7 +7,8 @@ checkpoint once (torch.export based exporter) and quantized once, then cached un
 
 ``auto`` means torch fp16 on a GPU. On the CPU it is measured once per checkpoint and machine (latency on 2.2 s of
 audio; agreement with fp32 on a speech clip): the fastest backend whose transcript of the clip is fp32's and whose
-frame labels agree with fp32's on >= 99% of frames.
+frame labels agree with fp32's on >= 99% of frames; where fp32's own posteriors on the clip are too flat to judge by
+(random weights), the fastest, with a warning and ``"accuracy": "cannot judge: ..."`` in the decision.
 The choice is cached beside the exports.
 """
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "onnx-dynamo-v1"  # part of the cache key: change it when the export recipe changes
 MIN_TOKEN_AGREEMENT = 0.99
+# below this median top probability on the speech clip fp32 is too flat to judge agreement by (see calibrate)
+MIN_PEAKEDNESS = 0.5
 CALIBRATION_CLIP = Path(__file__).parent / "data" / "calibration.flac"
 
 
@@ -340,6 +343,17 @@ def token_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float((reference[:n].argmax(-1) == candidate[:n].argmax(-1)).mean())
 
 
+def peakedness(logits: np.ndarray) -> float:
+    """Median over frames of the top softmax probability of ``(frames, vocab)`` logits: near 1 for a trained CTC
+    model on speech, near 1/vocab for random weights. On the calibration clip: the bundled model 0.9995; wav2vec2
+    large and base with random weights 0.079 and 0.075 (1/36 = 0.028); the tiny test checkpoints 0.034."""
+    if len(logits) == 0:
+        return 0.0
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    top = 1.0 / np.exp(shifted).sum(axis=-1)  # the top label's probability: exp(0) / sum
+    return float(np.median(top))
+
+
 def calibrate(
     runners: dict[Backend, Runner],
     speed_inputs: dict[str, np.ndarray],
@@ -349,8 +363,14 @@ def calibrate(
 ) -> dict:
     """Median latency of every runner, its token agreement with torch fp32 and whether its transcript of the
     speech clip is the same; the choice is the fastest one with the same transcript and at least
-    ``MIN_TOKEN_AGREEMENT`` of the frames agreeing."""
+    ``MIN_TOKEN_AGREEMENT`` of the frames agreeing.
+
+    That guard needs a reference that says something: where fp32's posteriors on the speech clip are flat (median
+    top probability below ``MIN_PEAKEDNESS``: random or untrained weights), any rounding flips argmaxes, so a
+    disagreement means nothing and the guard would only cost speed. Then the choice is the fastest backend whose
+    output is finite, the decision's ``accuracy`` says it could not be judged, and a warning is logged."""
     reference = runners[Backend.TORCH_FP32](speech_inputs)[0][0]
+    peaked = peakedness(reference)
     measured = {}
     for backend, runner in runners.items():
         output = runner(speech_inputs)[0][0]
@@ -365,10 +385,31 @@ def calibrate(
             "median_ms": round(statistics.median(times) * 1000, 2),
             "agreement": round(token_agreement(reference, output), 4),
             "same_transcript": same_transcript,
+            "finite": bool(np.isfinite(output).all()),
         }
-    accurate = [b for b, m in measured.items() if m["agreement"] >= MIN_TOKEN_AGREEMENT and m["same_transcript"]]
-    choice = min(accurate, key=lambda b: measured[b]["median_ms"])
-    return {"choice": choice, "measured": measured}
+    finite = [b for b, m in measured.items() if m["finite"]] or [Backend.TORCH_FP32.value]
+    if peaked < MIN_PEAKEDNESS:
+        choice = min(finite, key=lambda b: measured[b]["median_ms"])
+        accuracy = (
+            f"cannot judge: fp32's posteriors on the calibration clip are flat (median top probability "
+            f"{peaked:.4f} < {MIN_PEAKEDNESS}), so the fastest backend was chosen without the agreement guard"
+        )
+        log.warning(
+            "auto cannot judge accuracy: flat posteriors median_top_probability=%.4f threshold=%s choice=%s",
+            peaked,
+            MIN_PEAKEDNESS,
+            choice,
+        )
+    else:
+        accurate = [
+            b for b in finite if measured[b]["agreement"] >= MIN_TOKEN_AGREEMENT and measured[b]["same_transcript"]
+        ]
+        choice = min(accurate or [Backend.TORCH_FP32.value], key=lambda b: measured[b]["median_ms"])
+        accuracy = (
+            f"guarded: same transcript as fp32 and >= {MIN_TOKEN_AGREEMENT} frame agreement (median top probability "
+            f"{peaked:.4f})"
+        )
+    return {"choice": choice, "measured": measured, "peakedness": round(peaked, 4), "accuracy": accuracy}
 
 
 def cached_choice(cache_dir: Path, checkpoint: str, machine: str) -> str | None:
