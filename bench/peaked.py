@@ -14,7 +14,7 @@ fitted first the same way, then the whole model (but the convolutional feature e
 steps on the raw audio.
 
     python -m training.make_dataset --out bench/work/data --train-clips 800 --eval-clips 200
-    python -m bench.peaked --kind large --clips 400      # -> bench/work/wav2vec2-large-peaked
+    python -m bench.peaked --kind large --clips 300      # -> bench/work/wav2vec2-large-peaked
     python -m bench.accuracy --model large-peaked --clips 50
 
 What it did (clips, seconds, the CTC loss before and after, greedy CER on held-back training clips) is written to
@@ -210,8 +210,8 @@ def median_peak(head: torch.nn.Module, states) -> float:
 def build(
     kind: str,
     data: Path = DATA,
-    clips: int = 400,
-    epochs: int = 40,
+    clips: int = 300,
+    epochs: int = 150,
     full: bool = False,
     steps: int = 2000,
     threads: int = 0,
@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["large", "base"], default="large")
     parser.add_argument("--data", type=Path, default=DATA, help="training.make_dataset's output (%(default)s)")
-    parser.add_argument("--clips", type=int, default=400, help="training clips (a tenth held back)")
-    parser.add_argument("--epochs", type=int, default=40, help="head training epochs over the cached states")
+    parser.add_argument("--clips", type=int, default=300, help="training clips (a tenth held back)")
+    parser.add_argument("--epochs", type=int, default=150, help="head training epochs over the cached states")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available(),
                         help="then fine-tune the whole model (default: on a CUDA GPU only)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=2000, help="--full's fine-tuning steps")

@@ -100,3 +100,11 @@ def test_build_saves_a_loadable_checkpoint_with_its_training_report(tmp_path):
     model = load_model(str(tmp_path / "peaked"), cache_dir=tmp_path / "cache")
     log_probs = infer(model, audios[0])
     assert log_probs.shape[0] > 10 and np.isfinite(log_probs).all()
+
+
+def test_letter_agreement_leaves_out_the_frames_where_the_reference_emits_the_blank():
+    reference = [scores([0, 0, 1, 0, 2, 0])]  # blank 0; letters on 2 frames
+    candidate = [scores([1, 0, 1, 0, 3, 0])]  # a blank frame flipped, one letter frame flipped
+    assert accuracy.letter_agreement(reference, candidate, blank_id=0) == 0.5
+    assert accuracy.mean_agreement(reference, candidate) == pytest.approx(4 / 6)
+    assert accuracy.letter_agreement([scores([0, 0])], [scores([1, 1])], blank_id=0) == 1.0
