@@ -136,7 +136,7 @@ def test_a_downloaded_hub_checkpoint_restarts_without_loading_torch_weights(tmp_
     np.testing.assert_allclose(infer(again, audio), infer(first, audio), atol=1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["u8u8", "s8s8"])
+@pytest.mark.parametrize("recipe", ["u8u8", "u8s8-matmul"])
 def test_both_int8_recipes_run_and_stay_close_to_fp32(tmp_path, monkeypatch, recipe):
     """The recipe follows the CPU (``int8_recipe``); CI has one kind of CPU, so force each in turn."""
     monkeypatch.setattr(backends, "int8_recipe", lambda: recipe)
@@ -149,9 +149,29 @@ def test_both_int8_recipes_run_and_stay_close_to_fp32(tmp_path, monkeypatch, rec
     assert np.abs(np.exp(infer(model, audio)) - np.exp(reference)).max() < 0.1
 
 
+def test_the_vnni_recipe_quantizes_matmul_weights_only(tmp_path, monkeypatch):
+    """``u8s8-matmul``: int8 weights for the MatMuls; Conv (ConvInteger is slower than fp32 Conv on VNNI CPUs) and
+    the CTC head stay fp32."""
+    import onnx
+
+    monkeypatch.setattr(backends, "int8_recipe", lambda: "u8s8-matmul")
+    load_model(str(save_tiny_wav2vec2(tmp_path / "ckpt")), backend=Backend.ONNX_INT8, cache_dir=tmp_path / "cache")
+    (int8_file,) = (tmp_path / "cache").glob("*/model-int8-u8s8-matmul.onnx")
+    ops = [node.op_type for node in onnx.load(int8_file).graph.node]
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert "ConvInteger" not in ops and "Conv" in ops
+    assert "MatMul" in ops  # the head
+
+
 @pytest.mark.parametrize(
     ("flags", "recipe"),
-    [({"avx2", "fma"}, "u8u8"), ({"avx2", "avx512_vnni"}, "s8s8"), ({"avx2", "avx_vnni"}, "s8s8"), (set(), "s8s8")],
+    [
+        ({"avx2", "fma"}, "u8u8"),
+        ({"avx2", "avx512_vnni"}, "u8s8-matmul"),
+        ({"avx2", "avx_vnni"}, "u8s8-matmul"),
+        ({"avx2", "avx512_vnni", "amx_int8"}, "u8s8-matmul"),
+        (set(), "u8s8-matmul"),
+    ],
 )
 def test_int8_recipe_follows_the_cpu(monkeypatch, flags, recipe):
     monkeypatch.setattr(backends, "_cpu_info", lambda: ("some cpu", frozenset(flags)))

@@ -222,14 +222,22 @@ def _cpu_info() -> tuple[str, frozenset[str]]:
 
 
 def int8_recipe() -> str:
-    """ONNX Runtime's fast integer kernels depend on the CPU. x86 with AVX2 but no VNNI: uint8 activations x uint8
-    weights, per-tensor (`make bench`, 2 cores: wav2vec2-base 2.2 s 150 ms vs 280 ms for int8 weights and 200 ms
-    fp32; large 355 / 432 / 497 ms). Elsewhere (VNNI, ARM): int8 x int8 with per-channel weight scales, the recipe
-    that kept every fixture transcript (not timed here: no such CPU was available)."""
+    """ONNX Runtime's fast integer kernels depend on the CPU (docs/int8.md).
+
+    x86 with AVX2 but no VNNI: ``u8u8``, uint8 activations x uint8 weights, per-tensor, MatMul and Conv (`make
+    bench`, 2-core AMD EPYC: wav2vec2-base 2.2 s 150 ms vs 280 ms for int8 weights and 200 ms fp32; large 355 / 432 /
+    497 ms).
+
+    Elsewhere (VNNI, AMX, ARM): ``u8s8-matmul``, uint8 activations x int8 weights with per-channel scales, MatMul only.
+    VNNI's instruction multiplies uint8 by int8, so uint8 weights leave the slow path (Xeon with AVX-512 VNNI and
+    AMX, 2 threads, wav2vec2-large 2.2 s: u8u8 266 ms, u8s8 115 ms). Conv stays fp32: ConvInteger (the feature
+    encoder's convolutions and the positional convolution) took 170 ms of the 259 ms an all-op-types file ran in,
+    where fp32 Conv takes 49 ms. (The recipe named ``s8s8`` before was this one with Conv quantized: dynamic
+    quantization always makes uint8 activations, ActivationSymmetric changes nothing in the file.)"""
     _, flags = _cpu_info()
     if "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni"}:
         return "u8u8"
-    return "s8s8"
+    return "u8s8-matmul"
 
 
 def ensure_onnx(
@@ -277,7 +285,7 @@ def quantize_torch_dynamic(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _quantize_onnx_dynamic(fp32: Path, out: Path, recipe: str) -> None:
-    """ONNX Runtime dynamic int8 (MatMul and Conv) by ``recipe`` (see ``int8_recipe``), the CTC head (the MatMul
+    """ONNX Runtime dynamic int8 by ``recipe`` (see ``int8_recipe``), the CTC head (the MatMul
     whose weight produces the vocabulary dimension) left in fp32 as in ``quantize_torch_dynamic``."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -293,8 +301,8 @@ def _quantize_onnx_dynamic(fp32: Path, out: Path, recipe: str) -> None:
     options = {
         # per-channel uint8 weights flipped two fixture transcripts; per-tensor ones flipped none
         "u8u8": {"weight_type": QuantType.QUInt8, "per_channel": False},
-        # symmetric int8 activations: asymmetric uint8 ones flipped fixture letters with an earlier bundled model
-        "s8s8": {"weight_type": QuantType.QInt8, "per_channel": True, "extra_options": {"ActivationSymmetric": True}},
+        # per-channel int8 weights; Conv left in fp32 (ConvInteger is slower than fp32 Conv there)
+        "u8s8-matmul": {"weight_type": QuantType.QInt8, "per_channel": True, "op_types_to_quantize": ["MatMul"]},
     }[recipe]
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # the quantizer logs every tensor it skips on the root logger
