@@ -85,8 +85,8 @@ def cached_encoder_states(
     if cache is not None and cache.exists():
         stored = np.load(cache)
         if len(stored["lengths"]) == len(audios):
-            ends = np.cumsum(stored["lengths"])
-            return [stored["states"][end - n : end] for end, n in zip(ends, stored["lengths"], strict=True)]
+            flat, lengths = stored["states"], stored["lengths"]  # an NpzFile reads an array at each access: once
+            return [flat[end - n : end] for end, n in zip(np.cumsum(lengths), lengths, strict=True)]
     states = encoder_states(model, extractor, audios, mask_safe)
     if cache is not None:
         tmp = cache.with_name(cache.stem + ".tmp.npz")
