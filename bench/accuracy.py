@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.models import WORK, reference_checkpoint
+from worker import backends
 from worker.backends import CPU_BACKENDS, Backend, token_agreement
 
 DATA = WORK / "data"
@@ -147,14 +148,14 @@ def transcribe(model, audios: Sequence[np.ndarray]) -> tuple[list[np.ndarray], l
 def compare(
     model_path: Path,
     sets: dict[str, list[tuple[str, str, np.ndarray]]],
-    backends: Sequence[Backend] = CPU_BACKENDS,
+    candidates: Sequence[Backend] = CPU_BACKENDS,
     threads: int = 2,
     cache_dir: Path = CACHE,
 ) -> dict:
     """Every backend on every held-out set, against torch fp32 (loaded one backend at a time)."""
     from worker.asr import load_model
 
-    order = [Backend.TORCH_FP32, *(b for b in backends if b is not Backend.TORCH_FP32)]
+    order = [Backend.TORCH_FP32, *(b for b in candidates if b is not Backend.TORCH_FP32)]
     outputs: dict[Backend, dict[str, tuple[list[np.ndarray], list[str]]]] = {}
     seconds: dict[Backend, float] = {}
     errors: dict[Backend, str] = {}
@@ -194,6 +195,7 @@ def compare(
             "fp32_close_frames": round(margin_share(base_lp), 4),
             "backends": rows,
         }
+    report["onnx_int8_recipe"] = getattr(backends, "int8_recipe", lambda: "?")()  # depends on the CPU
     report["seconds"] = {b.value: round(s, 1) for b, s in seconds.items()}
     report["errors"] = {b.value: e for b, e in errors.items()}
     return report
@@ -245,16 +247,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"--out {args.data} --train-clips 800 --eval-clips 200"
         )
     sets = {s: read_clips(args.data / s, args.clips or None) for s in args.sets.split(",")}
-    backends = [Backend(b) for b in args.backends.split(",")]
+    chosen = [Backend(b) for b in args.backends.split(",")]
     reports = []
     for name in args.model or ["bundled"]:
         started = time.perf_counter()
-        report = compare(resolve_model(name), sets, backends, args.threads, args.cache_dir)
+        report = compare(resolve_model(name), sets, chosen, args.threads, args.cache_dir)
         report["name"] = name
         report["total_s"] = round(time.perf_counter() - started, 1)
         reports.append(report)
         print(table([report]), flush=True)
-        print(f"({name}: {report['total_s']} s; per backend, load + transcription: {report['seconds']})", flush=True)
+        print(f"({name}: {report['total_s']} s; per backend, load + transcription: {report['seconds']}; ONNX int8 "
+              f"recipe {report['onnx_int8_recipe']})", flush=True)  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(reports, indent=1, ensure_ascii=False))

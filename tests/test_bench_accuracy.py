@@ -8,6 +8,7 @@ import torch
 
 from bench import accuracy, peaked
 from tests.conftest import DATA, save_tiny_wav2vec2
+from worker.backends import Backend
 
 
 def scores(labels: list[int], vocab: int = 4, peak: float = 5.0) -> np.ndarray:
@@ -108,3 +109,17 @@ def test_letter_agreement_leaves_out_the_frames_where_the_reference_emits_the_bl
     assert accuracy.letter_agreement(reference, candidate, blank_id=0) == 0.5
     assert accuracy.mean_agreement(reference, candidate) == pytest.approx(4 / 6)
     assert accuracy.letter_agreement([scores([0, 0])], [scores([1, 1])], blank_id=0) == 1.0
+
+
+def test_compare_reports_every_backend_against_fp32_and_prints_a_row_each(tmp_path):
+    path = save_tiny_wav2vec2(tmp_path / "tiny")
+    audios, texts = fixture_clips()
+    sets = {"fixtures": [(f"clip{i}", text, audio) for i, (audio, text) in enumerate(zip(audios, texts, strict=True))]}
+    report = accuracy.compare(path, sets, [Backend.TORCH_INT8], threads=1, cache_dir=tmp_path / "cache")
+    rows = report["sets"]["fixtures"]["backends"]
+    assert list(rows) == ["torch-fp32", "torch-int8"]
+    assert rows["torch-fp32"]["agreement"] == 1.0 and rows["torch-fp32"]["cer_change_pp"] == 0.0
+    assert 0.0 <= rows["torch-int8"]["letter_agreement"] <= 1.0
+    assert report["sets"]["fixtures"]["fp32_peaked"] < 0.5  # random weights: flat posteriors
+    table = accuracy.table([report])
+    assert table.count("| tiny | fixtures (") == 2
