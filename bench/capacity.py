@@ -37,8 +37,11 @@ class JobCosts:
     machine_cores: int
 
     @classmethod
-    def from_saturation(cls, results: list[dict], config: str | None, cache_bytes: float, cores: int) -> JobCosts:
-        """The configuration that sustained the most (or ``config``), at its highest sustained rate."""
+    def from_saturation(
+        cls, results: list[dict], config: str | None, cores: int, redis_bytes: dict[str, float] | None = None
+    ) -> JobCosts:
+        """The configuration that sustained the most (or ``config``), at its highest sustained rate; Redis bytes
+        from ``redis_bytes`` (``measure_redis_bytes``) where given, else the saturation run's own."""
         candidates = [r for r in results if r.get("at_sustained") and (config is None or r["config"] == config)]
         if not candidates:
             raise SystemExit(f"no configuration{' ' + config if config else ''} with a sustained rate in the file")
@@ -53,9 +56,9 @@ class JobCosts:
             # the forward pass is timed inside `inference`, with the CTC postprocessing (a beam search: ~3 ms), which
             # would stay on the CPU: so this underestimates the CPU a GPU worker needs by about that much
             worker_gpu_side_ms=max(0.0, cpu["worker"] - timings.get("inference", 0.0)),
-            queued_bytes=best["redis_bytes_per_queued_job"],
-            finished_bytes=best["redis_bytes_per_finished_job"],
-            cache_bytes=cache_bytes,
+            queued_bytes=(redis_bytes or {}).get("queued_bytes", best["redis_bytes_per_queued_job"]),
+            finished_bytes=(redis_bytes or {}).get("finished_bytes", best["redis_bytes_per_finished_job"]),
+            cache_bytes=(redis_bytes or {}).get("cache_bytes", 0.0),
             sustained_per_machine=best["sustained_median"],
             machine_cores=cores,
         )
@@ -76,6 +79,58 @@ class Headroom:
     redis_core_share: float = 0.5  # one Redis is one core for commands: plan it this busy at peak
     redis_memory_bytes: float = 2 * GIB  # REDIS_MAXMEMORY
     redis_memory_fraction: float = 0.8  # MAX_REDIS_MEMORY_FRACTION: uploads are refused past it
+
+
+def measure_redis_bytes(jobs: int = 2000) -> dict[str, float]:
+    """Redis memory per job, measured on a private redis-server through the service's own code: ``jobs`` uploads
+    of the 2.2 s WebM stored (JobStore.create), claimed and finished with the bundled model's real result of it, and
+    as many result-cache entries. ``used_memory`` deltas over many jobs, so per-connection buffers do not count
+    (the saturation run's own figure, over 200 jobs with a worker connecting, includes them). A queued job's figure
+    lacks its Celery task message (about 1 KB)."""
+    import tempfile
+
+    import redis
+    import torch
+
+    from bench.__main__ import speech
+    from shared.cache import ResultCache, content_digest
+    from shared.config import Settings
+    from shared.jobs import JobStore
+    from shared.redis_server import free_port, start_redis
+    from training.synth import encode
+    from worker.model import load_configured_model
+    from worker.pipeline import transcribe_bytes
+
+    data = encode(speech(2.2), "webm")
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        server = start_redis(port, Path(tmp), persistent=False)
+        try:
+            client = redis.Redis(port=port)
+            settings = Settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", ASR_BACKEND="torch-fp32")
+            model = load_configured_model(settings, torch.device("cpu"))
+            result = transcribe_bytes(model, data, max_audio_s=30).to_dict()
+            store, cache = JobStore(client, settings), ResultCache(client, settings)
+            used = lambda: client.info("memory")["used_memory"]  # noqa: E731
+            base = used()
+            ids = [store.create(data, subject="ip:192.0.2.1", digest=content_digest(data)).id for _ in range(jobs)]
+            queued = used()
+            for job_id in ids:
+                store.claim(job_id, "bench")
+                store.succeed(job_id, result)
+            finished = used()
+            for i in range(jobs):
+                cache.put(content_digest(data + i.to_bytes(4, "little")), [], result)
+            cached = used()
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+    return {
+        "upload_bytes": len(data),
+        "queued_bytes": (queued - base) / jobs,
+        "finished_bytes": (finished - base) / jobs,
+        "cache_bytes": (cached - finished) / jobs,
+    }
 
 
 def plan(costs: JobCosts, load: Load, headroom: Headroom = Headroom(), gpu_clips_per_s: float = 0.0) -> dict:
@@ -160,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="source", type=Path, required=True, help="python -m bench.saturation --json")
     parser.add_argument("--config", help="the saturation configuration to use (default: the one that sustained most)")
     parser.add_argument("--cores", type=int, default=2, help="cores of the machine the saturation run measured")
-    parser.add_argument("--cache-bytes", type=float, default=490, help="Redis bytes per result-cache entry")
+    parser.add_argument(
+        "--saturation-bytes", action="store_true", help="Redis bytes from the saturation run, not measured now"
+    )
     parser.add_argument("--clips-per-day", type=float, default=10e6)
     parser.add_argument("--peak", type=float, default=5.0)
     parser.add_argument("--result-ttl-s", type=float, default=DAY_S)
@@ -172,14 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write inputs and results here")
     args = parser.parse_args(argv)
     results = json.loads(args.source.read_text())
-    costs = JobCosts.from_saturation(results, args.config, args.cache_bytes, args.cores)
+    redis_bytes = None if args.saturation_bytes else measure_redis_bytes()
+    costs = JobCosts.from_saturation(results, args.config, args.cores, redis_bytes)
     load = Load(args.clips_per_day, args.peak, args.result_ttl_s, args.cache == "on", args.queue_cap)
     headroom = Headroom(cpu_utilisation=args.utilisation, redis_memory_bytes=args.redis_maxmemory_gib * GIB)
     result = plan(costs, load, headroom, args.gpu_clips_per_s)
     report(costs, load, headroom, result, args.gpu_clips_per_s)
     if args.json:
         args.json.write_text(json.dumps({"costs": asdict(costs), "load": asdict(load), "headroom": asdict(headroom),
-                                         "plan": result}, indent=1))  # fmt: skip
+                                         "redis_bytes_measured": redis_bytes, "plan": result}, indent=1))  # fmt: skip
     return 0
 
 

@@ -44,6 +44,15 @@ def test_redis_memory_holds_a_ttl_of_records_and_both_full_lanes():
     )
 
 
+def test_measures_redis_bytes_through_the_job_store():
+    """A real redis-server, the bundled model's real result: a queued job holds its upload, a finished one does not."""
+    from bench.capacity import measure_redis_bytes
+
+    measured = measure_redis_bytes(jobs=200)
+    assert measured["upload_bytes"] < measured["queued_bytes"] < measured["upload_bytes"] + 4_000, measured
+    assert 300 < measured["finished_bytes"] < 4_000 and 100 < measured["cache_bytes"] < 2_000, measured
+
+
 def test_reads_what_the_saturation_benchmark_writes(tmp_path, capsys):
     def config(name: str, sustained: float, web_ms: float) -> dict:
         return {
@@ -58,10 +67,12 @@ def test_reads_what_the_saturation_benchmark_writes(tmp_path, capsys):
 
     source = tmp_path / "saturation.json"
     source.write_text(json.dumps([config("threads", 40, 9.0), config("prefork", 60, 4.5), {"at_sustained": None}]))
-    costs = JobCosts.from_saturation(json.loads(source.read_text()), None, 490, 2)
+    costs = JobCosts.from_saturation(json.loads(source.read_text()), None, 2)
     assert (costs.web_cpu_ms, costs.sustained_per_machine, costs.worker_gpu_side_ms) == (4.5, 60, 5.0)
-    assert JobCosts.from_saturation(json.loads(source.read_text()), "threads", 490, 2).web_cpu_ms == 9.0
+    assert (costs.finished_bytes, costs.cache_bytes) == (3_800, 0.0)
+    costs = JobCosts.from_saturation(json.loads(source.read_text()), "threads", 2, {"finished_bytes": 1500.0})
+    assert (costs.web_cpu_ms, costs.finished_bytes, costs.queued_bytes) == (9.0, 1500.0, 26_000)
     out = tmp_path / "plan.json"
-    assert main(["--from", str(source), "--gpu-clips-per-s", "200", "--json", str(out)]) == 0
+    assert main(["--from", str(source), "--saturation-bytes", "--gpu-clips-per-s", "200", "--json", str(out)]) == 0
     assert "GPUs at 200 clips/s" in capsys.readouterr().out
     assert json.loads(out.read_text())["plan"]["web_processes"] == 5  # 578.7/s x 4.5 ms / 0.6
