@@ -85,11 +85,32 @@ def worker_argv(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
     return ["worker", "--loglevel", settings.LOG_LEVEL, "-Q", lanes, "-n", "worker@%h", *extra]
 
 
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or ``taskset``'s cpuset), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """The settings a worker runs with. ``TORCH_THREADS=0`` leaves a single process the runtime's own thread count
+    (every core); with prefork ``WORKER_CONCURRENCY > 1`` it becomes the CPUs shared among the processes (at least
+    one each), since N processes that each start a thread per core fight over the cores: on 2 cores, 2 processes x
+    1 thread sustained ~60 clips/s of the bundled model against ~30 for 2 processes x 2 threads
+    (``python -m bench.saturation``, 2.2 s WebM, p99 <= 1 s). An explicit TORCH_THREADS and the threads pool
+    (``BATCH_MAX_SIZE > 1``) are kept as set."""
+    if settings.TORCH_THREADS or settings.BATCH_MAX_SIZE > 1 or settings.WORKER_CONCURRENCY == 1:
+        return settings
+    return settings.replace(TORCH_THREADS=max(1, cpu_count() // settings.WORKER_CONCURRENCY))
+
+
 def run_worker(settings: Settings, extra: Sequence[str] = ()) -> int:
-    """Run a Celery worker in this process (its pool children are forked from it). With METRICS_PORT, this process
-    serves the metrics of them all (shared/metrics.py): their directory is chosen before the Celery app, which
-    imports prometheus_client, is."""
+    """Run a Celery worker in this process (its pool children are forked from it) with ``worker_settings``. With
+    METRICS_PORT, this process serves the metrics of them all (shared/metrics.py): their directory is chosen before
+    the Celery app, which imports prometheus_client, is."""
     from shared import metrics
+
+    settings = worker_settings(settings)
 
     metrics.use_group_dir(metrics.prepare_group_dir(settings, "worker") if settings.METRICS_PORT else None)
     from worker.celery_app import configure_logging, create_worker_app

@@ -533,6 +533,7 @@ def measure_config(
             result_bytes = asyncio.run(_wait_all(stack.port, urls))  # also warms the worker up
             first_jobs_s = time.perf_counter() - started
             finished = client.info("memory")["used_memory"]
+            _wait_quiet(max_others)
             reference = closed_loop(stack, data)
             account = Accounting(worker_pid, client)
             sweeps = []
@@ -679,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
                                       stop_after_failure=not args.keep_going, max_others=args.max_others,
                                       retries=args.retries))  # fmt: skip
         r = results[-1]
+        if args.json:  # as each configuration ends: a long run cut short keeps what it measured
+            args.json.write_text(json.dumps(results, indent=1))
         print(f"  closed-loop reference {r['closed_loop']['rate']}/s (p50 {r['closed_loop']['p50_ms']} ms); "
               f"sustained per sweep {r['sustained_runs']}", flush=True)  # fmt: skip
     report(results)

@@ -107,9 +107,12 @@ class Settings(BaseSettings):
     BATCH_MAX_SIZE: int = Field(1, ge=1)
     # How long the first clip of a batch waits for others (milliseconds).
     BATCH_WINDOW_MS: float = Field(10.0, ge=0)
-    # CPU threads per worker process for torch (0 = torch's default).
+    # CPU threads per worker process for torch and ONNX Runtime (0 = torch's default, every core, for one process;
+    # with WORKER_CONCURRENCY > 1, the CPUs shared among the processes: arabic_words.processes.worker_settings).
     TORCH_THREADS: int = Field(0, ge=0)
-    # Worker processes per worker (Celery prefork pool); each loads its own model.
+    # Worker processes per worker (Celery prefork pool); each loads its own model. For throughput on CPUs, one per
+    # core: on 2 cores, 2 processes x 1 thread sustained ~55-60 clips/s of the bundled model (2.2 s WebM, p99 <= 1 s)
+    # where 1 process x 2 threads sustained ~30 (`python -m bench.saturation`); 1 keeps memory to one model.
     WORKER_CONCURRENCY: int = Field(1, ge=1)
     # Seconds the worker parent waits for a child's model load before killing it.
     WORKER_INIT_TIMEOUT_S: float = Field(300.0, gt=0)
