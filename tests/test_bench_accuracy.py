@@ -123,3 +123,21 @@ def test_compare_reports_every_backend_against_fp32_and_prints_a_row_each(tmp_pa
     assert report["sets"]["fixtures"]["fp32_peaked"] < 0.5  # random weights: flat posteriors
     table = accuracy.table([report])
     assert table.count("| tiny | fixtures (") == 2
+
+
+def test_full_fine_tuning_runs_after_the_head_and_lowers_the_loss(tmp_path):
+    """--full (meant for a GPU) on the CPU with a tiny checkpoint: the head first, then every weight but the
+    convolutional feature encoder."""
+    from transformers import AutoProcessor, Wav2Vec2ForCTC
+
+    source = save_tiny_wav2vec2(tmp_path / "tiny")
+    processor = AutoProcessor.from_pretrained(source)
+    model = Wav2Vec2ForCTC.from_pretrained(source)
+    audios, texts = fixture_clips()
+    labels = peaked.label_ids(processor.tokenizer, texts)
+    conv = model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.detach().clone()
+    torch.manual_seed(0)
+    losses = peaked.train_full(model, processor.feature_extractor, audios, labels, True, steps=30, batch=4, lr=3e-3)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert torch.equal(model.wav2vec2.feature_extractor.conv_layers[0].conv.weight, conv)  # frozen
+    assert not model.training
