@@ -4,6 +4,12 @@ configs with random weights (speed does not depend on the weights; no hub needed
 Each (model, backend) runs in its own process, so its peak RSS is its own:
 
     python -m bench.models --model large --backend onnx-int8 --threads 2
+
+``--compare`` (issue 19) times every CPU backend and ``auto`` on one 2.2 s clip, each in its own process and loaded
+the way the CLI and the worker load it (``worker.model.load_configured_model``), beside torch fp32 eager measured in
+the same run, and marks the target (<= 300 ms and >= 2.5x fp32 eager for the large model) met or MISSED:
+
+    python -m bench.models --model large --compare --threads 2
 """
 
 from __future__ import annotations
@@ -117,22 +123,125 @@ def run_isolated(kind: str, backend: str, threads: int, runs: int, batch_runs: i
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+COMPARE_BACKENDS = ("torch-fp32", "torch-int8", "onnx-fp32", "onnx-int8", "auto")
+TARGET_MS = {"bundled": 50, "base": 150, "large": 300}  # 2.2 s clip, 2 CPU cores (issue 19 for large)
+TARGET_RATIO = 2.5  # x torch fp32 eager, same run
+
+
+def measure_cli_path(kind: str, backend: str, threads: int, runs: int) -> dict:
+    """One backend loaded as `arabic-words transcribe` and the worker load it (``load_configured_model`` with
+    ASR_BACKEND, TORCH_THREADS and ASR_CACHE_DIR set): the first forward pass after loading, then the median of
+    ``infer`` on a 2.2 s speech clip and of the pipeline's ``inference`` time (forward pass and decoding)."""
+    import io
+
+    import soundfile as sf
+    import torch
+
+    from bench.__main__ import speech
+    from shared.config import Settings
+    from worker.asr import infer, select_device
+    from worker.model import load_configured_model
+    from worker.pipeline import transcribe_bytes
+
+    path = reference_checkpoint(kind)
+    settings = Settings(
+        ASR_MODEL=str(path), ASR_BACKEND=backend, TORCH_THREADS=threads, ASR_CACHE_DIR=str(WORK / "cache")
+    )
+    started = time.perf_counter()
+    model = load_configured_model(settings, select_device(0))
+    load_s = time.perf_counter() - started
+    clip = speech(2.2)
+    started = time.perf_counter()
+    infer(model, clip)
+    first_ms = (time.perf_counter() - started) * 1000
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        infer(model, clip)
+        times.append((time.perf_counter() - started) * 1000)
+    buffer = io.BytesIO()
+    sf.write(buffer, clip, SAMPLE_RATE, format="WAV")
+    pipeline = [
+        transcribe_bytes(model, buffer.getvalue(), max_audio_s=settings.MAX_AUDIO_S).timings_ms["inference"]
+        for _ in range(max(3, runs // 2))
+    ]
+    out = {
+        "model": kind,
+        "asked": backend,
+        "backend": model.backend.value,
+        "threads": threads,
+        "torch_threads": torch.get_num_threads(),
+        "load_s": round(load_s, 2),
+        "first_infer_ms": round(first_ms, 1),
+        "infer_2.2s_ms": round(float(np.median(times)), 1),
+        "pipeline_inference_2.2s_ms": round(float(np.median(pipeline)), 1),
+    }
+    if model.calibration:
+        out["calibration"] = model.calibration
+    return out
+
+
+def compare(kind: str, threads: int, runs: int) -> list[dict]:
+    """``measure_cli_path`` for every CPU backend and ``auto``, each in a fresh process (after a first process that
+    fills the export cache and ``auto``'s stored choice, as a restarted worker finds them); prints the table."""
+    rows = []
+    for backend in COMPARE_BACKENDS:
+        base = [sys.executable, "-m", "bench.models", "--model", kind, "--backend", backend, "--threads", str(threads)]
+        proc = subprocess.run([*base, "--prepare"], cwd=HERE.parent, capture_output=True, text=True)
+        if proc.returncode == 0:
+            proc = subprocess.run([*base, "--cli-path", "--runs", str(runs)], cwd=HERE.parent, capture_output=True,
+                                  text=True)  # fmt: skip
+        if proc.returncode != 0:
+            rows.append({"model": kind, "asked": backend, "error": proc.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    reference = next((r["infer_2.2s_ms"] for r in rows if r.get("asked") == "torch-fp32" and "error" not in r), None)
+    target = TARGET_MS[kind]
+    print(f"\n## {kind}, 2.2 s clip, {threads} threads, loaded as the CLI loads it: median of {runs} (ms); "
+          f"target <= {target} ms and >= {TARGET_RATIO}x torch-fp32 eager")  # fmt: skip
+    print(f"{'asked':<12}{'runs as':<13}{'first':>8}{'infer':>8}{'x fp32':>8}{'pipeline':>10}  target")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['asked']:<12}failed: {row['error']}")
+            continue
+        ratio = reference / row["infer_2.2s_ms"] if reference else float("nan")
+        row["ratio_vs_fp32_eager"] = round(ratio, 2)
+        met = row["infer_2.2s_ms"] <= target and ratio >= TARGET_RATIO
+        row["target_met"] = met
+        print(f"{row['asked']:<12}{row['backend']:<13}{row['first_infer_ms']:>8.1f}{row['infer_2.2s_ms']:>8.1f}"
+              f"{ratio:>7.2f}x{row['pipeline_inference_2.2s_ms']:>10.1f}  {'met' if met else 'MISSED'}")  # fmt: skip
+    auto = next((r for r in rows if r.get("asked") == "auto" and "calibration" in r), None)
+    if auto:
+        print(f"auto: {auto['calibration'].get('accuracy', '')}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["bundled", "base", "large"], required=True)
-    parser.add_argument("--backend", required=True)
+    parser.add_argument("--backend", help="required unless --compare")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--batch-runs", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prepare", action="store_true", help="only load once (exports, quantizes) and exit")
+    parser.add_argument("--compare", action="store_true", help="every backend and auto, as the CLI loads them")
+    parser.add_argument("--cli-path", action="store_true", help="(one --compare row) load as the CLI does")
     args = parser.parse_args()
+    if not args.compare and not args.backend:
+        parser.error("--backend is required unless --compare")
     import logging
     import warnings
 
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
     np.seterr(all="ignore")
+    if args.compare:
+        print(json.dumps(compare(args.model, args.threads, args.runs)))
+        return
+    if args.cli_path:
+        print(json.dumps(measure_cli_path(args.model, args.backend, args.threads, args.runs)))
+        return
     if args.prepare:
         import torch
 
