@@ -12,9 +12,10 @@ step. The reference, measured on the same stack in the same run, is the closed-l
 
 Where the time goes, over each step's measured window: CPU seconds per finished job of the gunicorn processes
 (web), redis-server, the worker processes and this load client (``psutil``), the worker's own timings (decode, vad,
-inference: ``result.timings_ms``), and idle = cores x wall - the sum. Redis: commands per job (``INFO
-commandstats``), bytes per queued job (``used_memory`` before and after uploads wait with no worker yet) and bytes
-per finished job kept for RESULT_TTL_S (after the worker has run them).
+inference: ``result.timings_ms``), the CPU other processes of a shared machine took, and idle = cores x wall - all
+of it. Redis: commands per job (``INFO commandstats``), bytes per queued job (``used_memory`` before and after uploads
+wait with no worker yet) and bytes per finished job kept for RESULT_TTL_S (what deleting those jobs' records frees
+once the worker has run them).
 
     python -m bench.saturation [--configs default,prefork,threads,batching] [--rates 10,20,30,40,50] [--runs 3]
 """
@@ -532,7 +533,11 @@ def measure_config(
             started = time.perf_counter()
             result_bytes = asyncio.run(_wait_all(stack.port, urls))  # also warms the worker up
             first_jobs_s = time.perf_counter() - started
+            # a finished job's record: what Redis frees when these records go (the worker's connections, which
+            # also arrived since `before`, stay)
             finished = client.info("memory")["used_memory"]
+            client.delete(*[keys.job(url.rstrip("/").rsplit("/", 1)[1]) for url in urls])
+            record_bytes = (finished - client.info("memory")["used_memory"]) / memory_jobs
             _wait_quiet(max_others)
             reference = closed_loop(stack, data)
             account = Accounting(worker_pid, client)
@@ -560,7 +565,8 @@ def measure_config(
         "config": name, "description": config.description, "settings": config.settings,
         "worker_options": list(config.worker_options), "backend": backend, "upload_bytes": len(data),
         "redis_bytes_per_queued_job": round((queued - before) / memory_jobs),
-        "redis_bytes_per_finished_job": round((finished - before) / memory_jobs),
+        "redis_bytes_per_finished_job": round(record_bytes),
+        "redis_bytes_since_start_per_finished_job": round((finished - before) / memory_jobs),
         "result_answer_bytes": result_bytes,
         "backlog_of_memory_jobs_s": round(first_jobs_s, 2),
         "closed_loop": reference, "sweeps": sweeps, "sustained_median": statistics.median(sustained),

@@ -110,15 +110,17 @@ def test_one_short_step_on_a_real_stack(asr_cache_dir):
     """A real stack (Redis, gunicorn, one Celery worker) at 4 uploads/s for 2 s: every job succeeds, the per-job
     costs are accounted to each process group, and the figures are JSON."""
     result = saturation.measure_config(
-        "default", [4.0], runs=1, duration_s=2.0, warmup_s=0.5, memory_jobs=3, max_others=1.0, retries=0,
+        "default", [4.0], runs=1, duration_s=2.0, warmup_s=0.5, memory_jobs=20, max_others=1.0, retries=0,
         settings={"ASR_BACKEND": "torch-fp32", "ASR_CACHE_DIR": str(asr_cache_dir), "ASR_BEAM_SIZE": 1},
     )  # fmt: skip
     step = result["sweeps"][0]["steps"][0]
-    assert step["ok"] > 0 and step["errors"] == {} and step["p99_ms"] < 10_000
-    assert {"client", "redis", "web", "worker"} <= set(step["cpu_ms_per_job"])
-    assert step["worker_timings_ms_per_job"]["inference"] > 0 and step["redis_calls_per_job"] > 5
-    assert result["redis_bytes_per_queued_job"] > 0.5 * result["upload_bytes"]
-    assert result["closed_loop"]["rate"] > 0 and result["backend"] == "torch-fp32"
+    assert step["ok"] > 0 and step["errors"] == {} and step["p99_ms"] < 10_000, step
+    assert {"client", "redis", "web", "worker"} <= set(step["cpu_ms_per_job"]), step
+    assert step["worker_timings_ms_per_job"]["inference"] > 0 and step["redis_calls_per_job"] > 5, step
+    # the upload is most of a queued job (Redis's allocator rounds: not to the byte)
+    assert result["redis_bytes_per_queued_job"] > 0.5 * result["upload_bytes"], result
+    assert 0 < result["redis_bytes_per_finished_job"] < result["upload_bytes"], result
+    assert result["closed_loop"]["rate"] > 0 and result["backend"] == "torch-fp32", result
     json.dumps(result)
 
 
