@@ -25,7 +25,8 @@ frozen encoder's states 400 s, the head 76 s (150 epochs), 8.1 min in all; media
 greedy CER on the 80 held-back clips 2.59 (random head) -> 0.84; on ``eval`` 0.84, ``eval-seen-voices`` 0.80 (50 clips
 each, ``bench.accuracy``). 270 clips left the held-back CER at 0.91, 60 epochs at 0.95 (all but silent); dropout on
 the states did not help. A linear head on a random encoder's frames is weak: the CER is real but poor, enough for
-peaked posteriors whose argmaxes a backend's rounding may or may not flip. Base, 800 clips: see ``training.json``.
+peaked posteriors whose argmaxes a backend's rounding may or may not flip. Base, 800 clips: 7.8 min (states
+340 s with the 2 cores busier), held-back CER 7.12 -> 0.86; ``eval`` 0.86, ``eval-seen-voices`` 0.83.
 """
 
 from __future__ import annotations
