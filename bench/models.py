@@ -176,8 +176,13 @@ def measure_cli_path(kind: str, backend: str, threads: int, runs: int) -> dict:
         "infer_2.2s_ms": round(float(np.median(times)), 1),
         "pipeline_inference_2.2s_ms": round(float(np.median(pipeline)), 1),
     }
-    if model.calibration:
-        out["calibration"] = model.calibration
+    if backend == "auto":  # what auto measured, here or (usually: --prepare measured it) in an earlier process
+        from worker import backends
+
+        cache = WORK / "cache"
+        checkpoint = backends.checkpoint_hash(str(path), lambda: None, cache)  # a local directory: no model load
+        stored = backends._read_json(cache / f"{checkpoint}-{backends.EXPORT_FORMAT}" / "auto.json")
+        out["calibration"] = model.calibration or stored.get(backends.machine_key(threads))
     return out
 
 
@@ -211,8 +216,10 @@ def compare(kind: str, threads: int, runs: int) -> list[dict]:
         print(f"{row['asked']:<12}{row['backend']:<13}{row['first_infer_ms']:>8.1f}{row['infer_2.2s_ms']:>8.1f}"
               f"{ratio:>7.2f}x{row['pipeline_inference_2.2s_ms']:>10.1f}  {'met' if met else 'MISSED'}")  # fmt: skip
     auto = next((r for r in rows if r.get("asked") == "auto" and "calibration" in r), None)
-    if auto:
-        print(f"auto: {auto['calibration'].get('accuracy', '')}")
+    if auto and auto["calibration"]:
+        measured = {b: m["median_ms"] for b, m in auto["calibration"]["measured"].items()}
+        print(f"auto chose {auto['calibration']['choice']} (its own medians, ms: {measured}); "
+              f"accuracy: {auto['calibration'].get('accuracy', '')}")  # fmt: skip
     return rows
 
 
