@@ -96,8 +96,9 @@ def worker_settings(settings: Settings) -> Settings:
     """The settings a worker runs with. ``TORCH_THREADS=0`` leaves a single process the runtime's own thread count
     (every core); with prefork ``WORKER_CONCURRENCY > 1`` it becomes the CPUs shared among the processes (at least
     one each), since N processes that each start a thread per core fight over the cores: on 2 cores, 2 processes x
-    1 thread sustained ~60 clips/s of the bundled model against ~30 for 2 processes x 2 threads
-    (``python -m bench.saturation``, 2.2 s WebM, p99 <= 1 s). An explicit TORCH_THREADS and the threads pool
+    1 thread sustained ~60 clips/s of the bundled model against ~30 for 2 processes x 2 threads (ONNX Runtime's
+    threads then spinning between runs; ``python -m bench.saturation``, 2.2 s WebM, p99 <= 1 s; with this share,
+    60-65). An explicit TORCH_THREADS and the threads pool
     (``BATCH_MAX_SIZE > 1``) are kept as set."""
     if settings.TORCH_THREADS or settings.BATCH_MAX_SIZE > 1 or settings.WORKER_CONCURRENCY == 1:
         return settings

@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     # with WORKER_CONCURRENCY > 1, the CPUs shared among the processes: arabic_words.processes.worker_settings).
     TORCH_THREADS: int = Field(0, ge=0)
     # Worker processes per worker (Celery prefork pool); each loads its own model. For throughput on CPUs, one per
-    # core: on 2 cores, 2 processes x 1 thread sustained ~55-60 clips/s of the bundled model (2.2 s WebM, p99 <= 1 s)
-    # where 1 process x 2 threads sustained ~30 (`python -m bench.saturation`); 1 keeps memory to one model.
+    # core: on 2 cores, 2 processes x 1 thread sustained 60-65 clips/s of the bundled model (2.2 s WebM, p99 <= 1 s)
+    # where 1 process x 2 threads sustained ~30, one job at a time (`python -m bench.saturation`); 1 keeps memory to
+    # one model.
     WORKER_CONCURRENCY: int = Field(1, ge=1)
     # Seconds the worker parent waits for a child's model load before killing it.
     WORKER_INIT_TIMEOUT_S: float = Field(300.0, gt=0)
