@@ -85,6 +85,9 @@ def worker_argv(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
     return ["worker", "--loglevel", settings.LOG_LEVEL, "-Q", lanes, "-n", "worker@%h", *extra]
 
 
+AUTO_WORKER_PROCESSES = 4  # WORKER_CONCURRENCY=0: one process per CPU up to this many (each holds a model copy)
+
+
 def cpu_count() -> int:
     """CPUs this process may run on (its affinity mask: a container's or ``taskset``'s cpuset), else all of them."""
     if hasattr(os, "sched_getaffinity"):
@@ -98,11 +101,14 @@ def worker_settings(settings: Settings) -> Settings:
     one each), since N processes that each start a thread per core fight over the cores: on 2 cores, 2 processes x
     1 thread sustained ~60 clips/s of the bundled model against ~30 for 2 processes x 2 threads (ONNX Runtime's
     threads then spinning between runs; ``python -m bench.saturation``, 2.2 s WebM, p99 <= 1 s; with this share,
-    60-65). An explicit TORCH_THREADS and the threads pool
-    (``BATCH_MAX_SIZE > 1``) are kept as set."""
-    if settings.TORCH_THREADS or settings.BATCH_MAX_SIZE > 1 or settings.WORKER_CONCURRENCY == 1:
+    60-65). ``WORKER_CONCURRENCY=0`` (the default) becomes one process per CPU, at most ``AUTO_WORKER_PROCESSES``.
+    An explicit TORCH_THREADS and the threads pool (``BATCH_MAX_SIZE > 1``) are kept as set."""
+    if settings.BATCH_MAX_SIZE > 1:
         return settings
-    return settings.replace(TORCH_THREADS=max(1, cpu_count() // settings.WORKER_CONCURRENCY))
+    processes = settings.WORKER_CONCURRENCY or min(cpu_count(), AUTO_WORKER_PROCESSES)
+    if settings.TORCH_THREADS or processes == 1:
+        return settings.replace(WORKER_CONCURRENCY=processes)
+    return settings.replace(WORKER_CONCURRENCY=processes, TORCH_THREADS=max(1, cpu_count() // processes))
 
 
 def run_worker(settings: Settings, extra: Sequence[str] = ()) -> int:

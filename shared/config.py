@@ -108,13 +108,14 @@ class Settings(BaseSettings):
     # How long the first clip of a batch waits for others (milliseconds).
     BATCH_WINDOW_MS: float = Field(10.0, ge=0)
     # CPU threads per worker process for torch and ONNX Runtime (0 = torch's default, every core, for one process;
-    # with WORKER_CONCURRENCY > 1, the CPUs shared among the processes: arabic_words.processes.worker_settings).
+    # with several worker processes, the CPUs shared among them: arabic_words.processes.worker_settings).
     TORCH_THREADS: int = Field(0, ge=0)
-    # Worker processes per worker (Celery prefork pool); each loads its own model. For throughput on CPUs, one per
-    # core: on 2 cores, 2 processes x 1 thread sustained 60-65 clips/s of the bundled model (2.2 s WebM, p99 <= 1 s)
-    # where 1 process x 2 threads sustained ~30, one job at a time (`python -m bench.saturation`); 1 keeps memory to
-    # one model.
-    WORKER_CONCURRENCY: int = Field(1, ge=1)
+    # Worker processes per worker (Celery prefork pool); each loads its own model. 0 = one per CPU the worker may
+    # run on, at most 4 (arabic_words.processes.worker_settings): on 2 cores, 2 processes x 1 thread sustained 60-65
+    # clips/s of the bundled model (2.2 s WebM, p99 <= 1 s) where 1 process x 2 threads sustained ~30, one job at a
+    # time (`python -m bench.saturation`); past 4, each further model copy costs memory (the bundled model ~0.5 GB
+    # RSS, a wav2vec2-large ~1.8 GB) for a share of the same cores. 1 keeps memory to one model.
+    WORKER_CONCURRENCY: int = Field(0, ge=0)
     # Seconds the worker parent waits for a child's model load before killing it.
     WORKER_INIT_TIMEOUT_S: float = Field(300.0, gt=0)
     # Seconds after which a job is hard-killed; its soft limit, which fails it as `timeout`, is 5 s earlier.

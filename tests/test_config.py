@@ -124,3 +124,24 @@ def test_a_model_or_word_list_that_cannot_load_is_one_line_naming_it(tmp_path, n
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith(f"arabic-words: {name}={value!r} {says}: ")
+
+
+def test_worker_processes_and_threads_share_the_cores(monkeypatch):
+    """What bench.saturation measured (2 processes x 1 thread ~2x the throughput of 1 x 2 and of 2 x 2 on 2 cores):
+    WORKER_CONCURRENCY=0 is a process per CPU (at most 4), and TORCH_THREADS=0 with several prefork processes gives
+    each its share of the CPUs; anything set explicitly is kept."""
+    from arabic_words import processes
+
+    monkeypatch.setattr(processes, "cpu_count", lambda: 8)
+    resolved = lambda **kw: processes.worker_settings(Settings(**kw))  # noqa: E731
+    pair = lambda **kw: (resolved(**kw).WORKER_CONCURRENCY, resolved(**kw).TORCH_THREADS)  # noqa: E731
+    assert pair() == (4, 2)  # the default: one per CPU, at most 4, the CPUs shared
+    assert pair(WORKER_CONCURRENCY=1) == (1, 0)  # one process: the runtime's own default
+    assert pair(WORKER_CONCURRENCY=2) == (2, 4) and pair(WORKER_CONCURRENCY=3) == (3, 2)
+    assert pair(WORKER_CONCURRENCY=16) == (16, 1)  # at least one each
+    assert pair(WORKER_CONCURRENCY=2, TORCH_THREADS=3) == (2, 3)
+    assert pair(BATCH_MAX_SIZE=4) == (0, 0)  # threads pool: one process, BATCH_MAX_SIZE threads
+    monkeypatch.setattr(processes, "cpu_count", lambda: 2)
+    assert pair() == (2, 1)
+    monkeypatch.setattr(processes, "cpu_count", lambda: 1)
+    assert pair() == (1, 0)

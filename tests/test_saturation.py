@@ -122,18 +122,3 @@ def test_one_short_step_on_a_real_stack(asr_cache_dir):
     assert 0 < result["redis_bytes_per_finished_job"] < result["upload_bytes"], result
     assert result["closed_loop"]["rate"] > 0 and result["backend"] == "torch-fp32", result
     json.dumps(result)
-
-
-def test_worker_settings_share_the_cores_among_prefork_processes(monkeypatch):
-    """What bench.saturation measured (2 processes x 1 thread ~2x the throughput of 2 x 2 on 2 cores): TORCH_THREADS=0
-    with several prefork processes gives each its share of the CPUs; anything set explicitly is kept."""
-    from arabic_words import processes
-    from shared.config import Settings
-
-    monkeypatch.setattr(processes, "cpu_count", lambda: 8)
-    threads = lambda **kw: processes.worker_settings(Settings(**kw)).TORCH_THREADS  # noqa: E731
-    assert threads() == 0  # one process: the runtime's own default, as before
-    assert threads(WORKER_CONCURRENCY=2) == 4 and threads(WORKER_CONCURRENCY=3) == 2
-    assert threads(WORKER_CONCURRENCY=16) == 1  # at least one each
-    assert threads(WORKER_CONCURRENCY=2, TORCH_THREADS=3) == 3
-    assert threads(WORKER_CONCURRENCY=2, BATCH_MAX_SIZE=4) == 0  # threads pool: one process
