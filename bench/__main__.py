@@ -274,8 +274,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test, not figures to quote)")
     parser.add_argument(
-        "--only", default="decode,model,service,vad,limits,lanes",
-        help="tables to run: decode, model, service, vad (bench.vad), limits (bench.limits), lanes (bench.lanes)",
+        "--only", default="decode,model,service,vad,limits,lanes,saturation,capacity",
+        help="tables to run: decode, model, service, vad (bench.vad), limits (bench.limits), lanes (bench.lanes), "
+             "saturation (bench.saturation), capacity (bench.capacity, from saturation's figures), accuracy "
+             "(bench.accuracy on the bundled model; needs the held-out sets its docstring builds)",
     )  # fmt: skip
     parser.add_argument("--models", default="bundled,base,large", help="for the model table")
     parser.add_argument("--threads", type=int, default=2)
@@ -296,11 +298,23 @@ def main() -> None:
     if "service" in parts:
         results["service"] = bench_service(max(5, runs // 2), args.threads)
     # the newer benchmarks print their own tables (each also runs alone: python -m bench.<name>)
-    for name in ("vad", "limits", "lanes"):
+    saturation_json = HERE / "work" / "saturation.json"
+    arguments = {
+        "limits": ["--runs", "1"] if args.quick else [],
+        # the shipped default beside one process (the old default); a sweep per run, up to where p99 passes 1 s
+        "saturation": ["--configs", "default,single", "--rates", "30,40,50,60,65,70", "--runs", "1" if args.quick
+                       else "3", "--duration", "10", "--warmup", "2", "--json", str(saturation_json)],
+        "capacity": ["--from", str(saturation_json), "--clips-per-day", "10e6", "--peak", "5"],
+        "accuracy": ["--model", "bundled", "--clips", "20" if args.quick else "100"],
+    }  # fmt: skip
+    for name in ("vad", "limits", "lanes", "saturation", "capacity", "accuracy"):
         if name in parts:
             print(f"\n## {name} (python -m bench.{name})", flush=True)
+            if name == "capacity" and not saturation_json.exists():
+                print(f"no {saturation_json}: run the saturation table first")
+                continue
             module = __import__(f"bench.{name}", fromlist=["main"])
-            module.main(["--runs", "1"] if args.quick and name == "limits" else [])
+            module.main(arguments.get(name, []))
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {HERE / 'results.json'}")
 

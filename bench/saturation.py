@@ -42,7 +42,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from arabic_words.processes import command
+from arabic_words.processes import AUTO_WORKER_PROCESSES, command, cpu_count
 from bench.longpoll import HOST, WebStack, web_stack
 from shared import keys
 
@@ -64,11 +64,17 @@ class Config:
     def model_processes(self) -> int:
         """Processes that load a model (and heartbeat): prefork children, else the worker's main process."""
         pooled = "threads" in self.worker_options or self.settings.get("BATCH_MAX_SIZE", 1) > 1
-        return 1 if pooled else int(self.settings.get("WORKER_CONCURRENCY", 1))
+        if pooled:
+            return 1
+        return int(self.settings.get("WORKER_CONCURRENCY", 0)) or min(cpu_count(), AUTO_WORKER_PROCESSES)
 
 
 CONFIGS = {
-    "default": Config("shipped defaults: prefork, 1 process, TORCH_THREADS=0 (the runtime's own thread count)"),
+    "default": Config("shipped defaults: prefork, a process per CPU (at most 4), the CPUs shared among them"),
+    "single": Config(
+        "prefork, 1 process, TORCH_THREADS=0 (the runtime's own thread count): the default before 2026-12-01",
+        {"WORKER_CONCURRENCY": 1},
+    ),
     "prefork": Config("prefork, 2 processes x 1 thread", {"WORKER_CONCURRENCY": 2, "TORCH_THREADS": 1}),
     "prefork-t0": Config(
         "prefork, 2 processes, TORCH_THREADS=0 (each process takes the runtime's own thread count)",
