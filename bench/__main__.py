@@ -200,6 +200,7 @@ def bench_service(runs: int, threads: int) -> dict:
     settings = Settings(
         REDIS_URL=f"redis://127.0.0.1:{port}/0", QUEUE="bench", ASR_CACHE_DIR=str(WORK / "cache"),
         TORCH_THREADS=threads, PORT=http_port, LOG_LEVEL="WARNING",
+        CACHE="off",  # the same clip each time: every upload must reach the worker
     )  # fmt: skip
     env = {**os.environ, **settings.as_env()}
     started = time.perf_counter()
@@ -302,7 +303,7 @@ def main() -> None:
     arguments = {
         "limits": ["--runs", "1"] if args.quick else [],
         # the shipped default beside one process (the old default); a sweep per run, up to where p99 passes 1 s
-        "saturation": ["--configs", "default,single", "--rates", "30,40,50,60,65,70", "--runs", "1" if args.quick
+        "saturation": ["--configs", "default,single", "--rates", "30,40,50,60,70,80,90", "--runs", "1" if args.quick
                        else "3", "--duration", "10", "--warmup", "2", "--json", str(saturation_json)],
         "capacity": ["--from", str(saturation_json), "--clips-per-day", "10e6", "--peak", "5"],
         "accuracy": ["--model", "bundled", "--clips", "20" if args.quick else "100"],
