@@ -296,6 +296,10 @@ def main() -> None:
         results["models"] = bench_models(
             args.models.split(","), args.threads, runs=3 if args.quick else 11, batch_runs=1 if args.quick else 3
         )
+        if "large" in args.models.split(","):  # issue 19's target: auto through the CLI's load path, >= 2.5x fp32
+            from bench.models import compare
+
+            results["models_cli_path"] = compare("large", args.threads, runs=3 if args.quick else 7)
     if "service" in parts:
         results["service"] = bench_service(max(5, runs // 2), args.threads)
     # the newer benchmarks print their own tables (each also runs alone: python -m bench.<name>)
