@@ -97,12 +97,12 @@ def cpu_count() -> int:
 
 def worker_settings(settings: Settings) -> Settings:
     """The settings a worker runs with. ``TORCH_THREADS=0`` leaves a single process the runtime's own thread count
-    (every core); with prefork ``WORKER_CONCURRENCY > 1`` it becomes the CPUs shared among the processes (at least
-    one each), since N processes that each start a thread per core fight over the cores: on 2 cores, 2 processes x
-    1 thread sustained ~60 clips/s of the bundled model against ~30 for 2 processes x 2 threads (ONNX Runtime's
-    threads then spinning between runs; ``python -m bench.saturation``, 2.2 s WebM, p99 <= 1 s; with this share,
-    60-65). ``WORKER_CONCURRENCY=0`` (the default) becomes one process per CPU, at most ``AUTO_WORKER_PROCESSES``.
-    An explicit TORCH_THREADS and the threads pool (``BATCH_MAX_SIZE > 1``) are kept as set."""
+    (every core); with several prefork processes it becomes the CPUs shared among them (at least one each), since N
+    processes that each start a thread per core fight over the cores: on 2 cores, 2 processes x 1 thread sustained
+    ~60 clips/s of the bundled model against ~30 for 2 x 2 threads on a busy machine (``python -m bench.saturation``,
+    2.2 s WebM, p99 <= 1 s), and >= 70 against 40 for 1 process x 2 threads on a quiet one (docs/scaling.md).
+    ``WORKER_CONCURRENCY=0`` (the default) becomes one process per CPU, at most ``AUTO_WORKER_PROCESSES``. An
+    explicit TORCH_THREADS and the threads pool (``BATCH_MAX_SIZE > 1``) are kept as set."""
     if settings.BATCH_MAX_SIZE > 1:
         return settings
     processes = settings.WORKER_CONCURRENCY or min(cpu_count(), AUTO_WORKER_PROCESSES)

@@ -111,10 +111,10 @@ class Settings(BaseSettings):
     # with several worker processes, the CPUs shared among them: arabic_words.processes.worker_settings).
     TORCH_THREADS: int = Field(0, ge=0)
     # Worker processes per worker (Celery prefork pool); each loads its own model. 0 = one per CPU the worker may
-    # run on, at most 4 (arabic_words.processes.worker_settings): on 2 cores, 2 processes x 1 thread sustained 60-65
-    # clips/s of the bundled model (2.2 s WebM, p99 <= 1 s) where 1 process x 2 threads sustained ~30, one job at a
-    # time (`python -m bench.saturation`); past 4, each further model copy costs memory (the bundled model ~0.5 GB
-    # RSS, a wav2vec2-large ~1.8 GB) for a share of the same cores. 1 keeps memory to one model.
+    # run on, at most 4 (arabic_words.processes.worker_settings): on 2 cores, 2 processes x 1 thread sustained >= 70
+    # clips/s of the bundled model (2.2 s WebM, p99 <= 1 s) where 1 process x 2 threads sustained 40, one job at a
+    # time (`python -m bench.saturation`, docs/scaling.md); past 4, each further model copy costs memory (the
+    # bundled model ~0.5 GB RSS, a wav2vec2-large ~1.8 GB) for a share of the same cores. 1 keeps memory to one model.
     WORKER_CONCURRENCY: int = Field(0, ge=0)
     # Seconds the worker parent waits for a child's model load before killing it.
     WORKER_INIT_TIMEOUT_S: float = Field(300.0, gt=0)
