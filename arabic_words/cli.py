@@ -16,7 +16,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from arabic_words.processes import SERVICES, command, exec_service, flower_argv, run_worker, web_argv
+from arabic_words.processes import (
+    SERVICES,
+    command,
+    exec_service,
+    flower_argv,
+    run_worker,
+    stop_process,
+    web_argv,
+)
 from shared.config import ConfigError, Settings
 
 log = logging.getLogger("arabic_words")
@@ -82,12 +90,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         time.sleep(0.5)
     for name in ("flower", "web", "worker", "redis"):  # redis last: the others flush to it on the way out
         proc = procs.get(name)
-        if proc and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=settings.MAX_WAIT_S + 10)  # gunicorn lets open long-polls answer first
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if proc:
+            stop_process(proc, settings.MAX_WAIT_S + 10)  # gunicorn lets open long-polls answer first
     return exit_code
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,3 +149,16 @@ def exec_service(argv: list[str], settings: Settings) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float, sig: int = signal.SIGTERM) -> int:
+    """Stop a child we started: ``sig`` (SIGTERM lets Celery and gunicorn finish their work; SIGINT makes gunicorn
+    quit without waiting for open long-polls), then SIGKILL if it has not exited within ``timeout_s``. Returns its
+    exit status; a child that has already exited is only reaped."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import redis
 
+from arabic_words.processes import stop_process
 from shared.config import Settings
 from shared.jobs import JobStore
 from shared.redis_server import free_port, start_redis
@@ -86,13 +87,7 @@ def web_stack(
                 time.sleep(0.1)
         yield WebStack(settings.PORT, JobStore(client, settings), settings, web_argv(settings), log_path)
     finally:
-        if web.poll() is None:
-            web.send_signal(signal.SIGINT)  # gunicorn: quick shutdown (TERM would wait for the open long-polls)
-            try:
-                web.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                web.kill()
-                web.wait()
+        stop_process(web, 15, signal.SIGINT)  # gunicorn: quick shutdown (TERM would wait for the open long-polls)
         client.close()
         if redis_proc is not None:
             redis_proc.terminate()

@@ -42,7 +42,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from arabic_words.processes import AUTO_WORKER_PROCESSES, command, cpu_count
+from arabic_words.processes import AUTO_WORKER_PROCESSES, command, cpu_count, stop_process
 from bench.longpoll import HOST, WebStack, web_stack
 from shared import keys
 
@@ -449,12 +449,7 @@ def worker_process(stack: WebStack, config: Config, tmp: Path, start_timeout_s: 
             time.sleep(0.1)
         yield worker.pid
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker, 60)
         client.close()
 
 

@@ -25,7 +25,7 @@ from transformers import (
 )
 from werkzeug.serving import make_server
 
-from arabic_words.processes import command
+from arabic_words.processes import command, stop_process
 from shared import keys
 from shared.config import BUNDLED_MODEL_DIR, Settings
 from shared.queue import make_celery
@@ -177,11 +177,7 @@ def start_worker(settings: Settings, log_path: Path, expected_loads: int) -> sub
 
 
 def stop_worker(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, 30)
 
 
 @pytest.fixture(scope="session")

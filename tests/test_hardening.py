@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from arabic_words.processes import command, flower_argv
+from arabic_words.processes import command, flower_argv, stop_process
 from shared.config import ConfigError, Settings
 from shared.redis_server import (
     DISABLED_COMMANDS,
@@ -27,16 +27,6 @@ from shared.redis_server import (
     free_port,
     start_redis,
 )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _cmdline(pid: int) -> bytes:
@@ -76,7 +66,7 @@ def service_redis(tmp_path):
     port = free_port()
     proc = start_redis(port, data_dir, persistent=True, password=password, disabled_commands=SERVICE_DISABLED_COMMANDS)
     yield port, password, proc, data_dir
-    _stop(proc)
+    stop_process(proc, 10)
 
 
 def test_the_embedded_redis_wants_its_password(service_redis):
@@ -114,7 +104,7 @@ def test_the_password_file_is_private_and_kept(service_redis):
     assert path.read_text().strip() == password and len(password) >= 40
     before = path.stat()
     redis.Redis(port=port, password=password).set("survives", "1")
-    _stop(proc)
+    stop_process(proc, 10)
     # a second start of the same data directory: the same password, the file untouched, the data still there
     again = ensure_password(data_dir)
     assert again == password
@@ -123,7 +113,7 @@ def test_the_password_file_is_private_and_kept(service_redis):
     try:
         assert redis.Redis(port=port, password=again).get("survives") == b"1"
     finally:
-        _stop(proc2)
+        stop_process(proc2, 10)
     assert [p.name for p in data_dir.iterdir() if p.name.startswith(".redis.password")] == []  # no temp files left
 
 
@@ -160,7 +150,7 @@ def test_the_tests_servers_keep_flushdb_but_not_config(tmp_path):
         assert "FLUSHDB" not in DISABLED_COMMANDS
         assert _listening_addresses(port) == {"0100007F"}
     finally:
-        _stop(proc)
+        stop_process(proc, 10)
 
 
 # ------------------------------------------------------------------------------------------------------- Flower
@@ -185,7 +175,7 @@ def _start_flower(tmp_path: Path, redis_url: str, **env: str) -> tuple[subproces
     deadline = time.monotonic() + 30
     while _get_or_none(base + "/healthcheck") != 200:
         if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+            stop_process(proc, 10)
             output = (tmp_path / f"flower-{port}.log").read_text()
             pytest.skip(f"Flower did not start here: {output[-500:]}")
         time.sleep(0.2)
@@ -220,7 +210,7 @@ def test_flower_takes_its_credentials_from_the_environment_or_a_file(tmp_path, s
         assert b"flower" in argv and b"--address=0.0.0.0" in argv
         assert b"flower-secret-7f3a" not in argv and password.encode() not in argv
     finally:
-        _stop(proc)
+        stop_process(proc, 10)
 
 
 def test_flower_without_credentials_is_local_and_open(tmp_path, service_redis):
@@ -232,7 +222,7 @@ def test_flower_without_credentials_is_local_and_open(tmp_path, service_redis):
         assert _get(base + "/workers") == 200
         assert b"--address=127.0.0.1" in _cmdline(proc.pid)
     finally:
-        _stop(proc)
+        stop_process(proc, 10)
 
 
 def test_flower_credentials_are_checked_at_startup(tmp_path):

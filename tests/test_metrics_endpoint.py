@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from arabic_words.processes import command
+from arabic_words.processes import command, stop_process
 from shared import metrics as shared_metrics
 from shared.config import Settings
 from shared.redis_server import free_port
@@ -97,12 +97,7 @@ def web_server(settings: Settings, log_path: Path) -> Iterator[subprocess.Popen]
             time.sleep(0.1)
         yield proc
     finally:
-        proc.send_signal(signal.SIGINT)  # quick shutdown
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15, signal.SIGINT)  # quick shutdown
 
 
 def get_ok(settings: Settings, path: str) -> int | None:

@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from arabic_words.processes import command
+from arabic_words.processes import command, stop_process
 from shared import keys
 from shared.config import Settings
 from shared.redis_server import free_port, start_redis
@@ -65,8 +65,4 @@ def test_worker_whose_processes_cannot_load_the_model_is_not_ready(lone_redis, t
         assert body["workers"] >= 1 and body["model_processes"] == 0
         assert status == 503 and body["status"] == "not_ready"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
