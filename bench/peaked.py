@@ -53,14 +53,13 @@ def peaked_path(kind: str) -> Path:
 
 def training_clips(data: Path, limit: int) -> tuple[list[np.ndarray], list[str]]:
     """The first ``limit`` clips of the data set's training shards (``training.make_dataset``): audio and text."""
+    from training.make_dataset import read_shard
+
     audios, texts = [], []
     for shard_path in sorted(data.glob("train-*.npz")):
-        shard = np.load(shard_path)
-        pcm = shard["pcm"].astype(np.float32) / 32767
-        ends = np.cumsum(shard["lengths"])
-        for end, n, text in zip(ends, shard["lengths"], shard["texts"], strict=True):
-            audios.append(pcm[end - n : end])
-            texts.append(str(text))
+        for audio, text in read_shard(shard_path):
+            audios.append(audio)
+            texts.append(text)
             if len(audios) == limit:
                 return audios, texts
     return audios, texts
@@ -90,15 +89,16 @@ def cached_encoder_states(
     model, extractor, audios: Sequence[np.ndarray], mask_safe: bool, cache: Path | None
 ) -> list[np.ndarray]:
     """``encoder_states``, kept in ``cache`` (an .npz) so that fitting the head again does not rerun the encoder."""
+    from training.make_dataset import load_ragged, save_ragged
+
     if cache is not None and cache.exists():
         stored = np.load(cache)
         if len(stored["lengths"]) == len(audios):
-            flat, lengths = stored["states"], stored["lengths"]  # an NpzFile reads an array at each access: once
-            return [flat[end - n : end] for end, n in zip(np.cumsum(lengths), lengths, strict=True)]
+            return load_ragged(stored, "states")
     states = encoder_states(model, extractor, audios, mask_safe)
     if cache is not None:
         tmp = cache.with_name(cache.stem + ".tmp.npz")
-        np.savez(tmp, states=np.concatenate(states), lengths=np.array([len(s) for s in states]))
+        save_ragged(tmp, "states", states)
         tmp.rename(cache)
     return states
 

@@ -83,3 +83,23 @@ def test_fresh_eval_set_uses_only_the_held_out_words_and_voices(tmp_path, monkey
     assert all(path.stat().st_size > 1000 for path, _ in rows)
     assert {word for _, text in rows for word in text.split()} <= set(split["eval_words"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval-fresh-23", "split.json"]  # nothing else built
+
+
+def test_training_shards_and_feature_caches_keep_each_clip_apart(tmp_path):
+    """A shard holds clips of different lengths end to end; reading it gives back each clip and its text."""
+    from training.make_dataset import PCM_SCALE, load_ragged, read_shard, save_ragged
+
+    rng = np.random.default_rng(0)
+    clips = [rng.uniform(-1, 1, n).astype(np.float32) for n in (5, 1, 12)]
+    texts = ["باب", "قلم", "كتاب جديد"]
+    save_ragged(tmp_path / "train-000.npz", "pcm", [(c * PCM_SCALE).astype(np.int16) for c in clips],
+                texts=np.array(texts))  # fmt: skip
+    read = list(read_shard(tmp_path / "train-000.npz"))
+    assert [text for _, text in read] == texts
+    for (audio, _), clip in zip(read, clips, strict=True):
+        assert audio.dtype == np.float32 and len(audio) == len(clip)
+        np.testing.assert_allclose(audio, clip, atol=1 / PCM_SCALE)
+    feats = [np.full((n, 3), n, np.float16) for n in (4, 2)]
+    save_ragged(tmp_path / "features.npz", "feats", feats)
+    again = load_ragged(np.load(tmp_path / "features.npz"), "feats")
+    assert [f.shape for f in again] == [(4, 3), (2, 3)] and all((f == len(f)).all() for f in again)

@@ -18,6 +18,7 @@ import argparse
 import json
 import multiprocessing
 import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,29 @@ from training.synth import SAMPLE_RATE, augment, encode, espeak_variants, speak
 
 HOLD_OUT_WORD_SHARE = 0.08
 HOLD_OUT_VOICE_EVERY = 7  # every 7th variant in sorted order is never heard in training
+PCM_SCALE = 32767  # a training shard holds int16 PCM: audio in [-1, 1] times this
+
+
+def save_ragged(path: Path, key: str, arrays: Sequence[np.ndarray], **extra: np.ndarray) -> None:
+    """Arrays of different lengths (clips, feature matrices) in one .npz: ``key`` holds them end to end and
+    ``lengths`` where each ends; ``extra`` arrays are stored beside them. One big array loads far faster than
+    thousands of small ones."""
+    np.savez(path, **{key: np.concatenate(arrays), "lengths": np.array([len(a) for a in arrays])}, **extra)
+
+
+def load_ragged(stored: np.lib.npyio.NpzFile, key: str) -> list[np.ndarray]:
+    """The arrays ``save_ragged`` stored under ``key``, as views of one array (an NpzFile reads an array at each
+    access, so each is read once)."""
+    flat, lengths = stored[key], stored["lengths"]
+    return [flat[end - n : end] for end, n in zip(np.cumsum(lengths), lengths, strict=True)]
+
+
+def read_shard(path: Path) -> Iterator[tuple[np.ndarray, str]]:
+    """The clips of a training shard (``build_train``) in order: float32 audio at SAMPLE_RATE and its text."""
+    shard = np.load(path)
+    clips = load_ragged(shard, "pcm")
+    for clip, text in zip(clips, shard["texts"], strict=True):
+        yield clip.astype(np.float32) / PCM_SCALE, str(text)
 
 
 def load_words(dic_path: Path, min_len: int = 2, max_len: int = 9) -> list[str]:
@@ -93,13 +117,8 @@ def build_train(out: Path, words: list[str], voices: list, n_clips: int, seed: i
     jobs = [(seed * 100_003 + i, min(shard, n_clips - i * shard), words, voices) for i in range(-(-n_clips // shard))]
     with multiprocessing.Pool() as pool:
         for i, (clips, texts) in enumerate(pool.imap(_make_train_chunk, jobs)):
-            pcm = np.concatenate([np.clip(c, -1, 1) for c in clips])
-            np.savez(
-                out / f"train-{i:03d}.npz",
-                pcm=(pcm * 32767).astype(np.int16),
-                lengths=np.array([len(c) for c in clips]),
-                texts=np.array(texts),
-            )
+            pcm = [(np.clip(c, -1, 1) * PCM_SCALE).astype(np.int16) for c in clips]
+            save_ragged(out / f"train-{i:03d}.npz", "pcm", pcm, texts=np.array(texts))
             print(f"shard {i + 1}/{len(jobs)}: {len(clips)} clips", flush=True)
 
 

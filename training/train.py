@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from shared.text import ARABIC_LETTERS, edit_distance
+from training.make_dataset import load_ragged, read_shard, save_ragged
 from training.stream import ClipStream, ReplayBuffer
 from training.synth import SAMPLE_RATE, decode_any
 
@@ -83,13 +84,8 @@ def features(audio: np.ndarray) -> np.ndarray:
 
 def _features_of_shard(path: Path) -> tuple[list[np.ndarray], list[str]]:
     torch.set_num_threads(1)
-    shard = np.load(path)
-    pcm = shard["pcm"].astype(np.float32) / 32767
-    feats, start = [], 0
-    for length in shard["lengths"]:
-        feats.append(features(pcm[start : start + length]))
-        start += length
-    return feats, [str(t) for t in shard["texts"]]
+    clips = list(read_shard(path))
+    return [features(audio) for audio, _ in clips], [text for _, text in clips]
 
 
 def load_train(data: Path) -> tuple[list[np.ndarray], list[str]]:
@@ -97,16 +93,13 @@ def load_train(data: Path) -> tuple[list[np.ndarray], list[str]]:
     cache = data / "features.npz"
     if cache.exists():
         stored = np.load(cache)
-        ends = np.cumsum(stored["lengths"])
-        flat = stored["feats"]
-        feats = [flat[end - n : end] for end, n in zip(ends, stored["lengths"], strict=True)]
-        return feats, [str(t) for t in stored["texts"]]
+        return load_ragged(stored, "feats"), [str(t) for t in stored["texts"]]
     feats, texts = [], []
     with multiprocessing.Pool() as pool:
         for f, t in pool.imap(_features_of_shard, sorted(data.glob("train-*.npz"))):
             feats += f
             texts += t
-    np.savez(cache, feats=np.concatenate(feats), lengths=np.array([len(f) for f in feats]), texts=np.array(texts))
+    save_ragged(cache, "feats", feats, texts=np.array(texts))
     return feats, texts
 
 

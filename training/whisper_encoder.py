@@ -553,26 +553,21 @@ def whisper_features(extractor, audio: np.ndarray) -> np.ndarray:
 
 def load_shards(data: Path, extractor, limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Whisper features of ``make_dataset``'s training shards (cached beside them in whisper-features.npz)."""
+    from training.make_dataset import load_ragged, read_shard, save_ragged
+
     cache = data / "whisper-features.npz"
     if cache.exists() and limit is None:
         stored = np.load(cache)
-        ends = np.cumsum(stored["lengths"])
-        flat = stored["feats"]
-        feats = [flat[end - n : end] for end, n in zip(ends, stored["lengths"], strict=True)]
-        return feats, [str(t) for t in stored["texts"]]
+        return load_ragged(stored, "feats"), [str(t) for t in stored["texts"]]
     feats, texts = [], []
     for shard_path in sorted(data.glob("train-*.npz")):
-        shard = np.load(shard_path)
-        pcm = shard["pcm"].astype(np.float32) / 32767
-        start = 0
-        for length, text in zip(shard["lengths"], shard["texts"], strict=True):
-            feats.append(whisper_features(extractor, pcm[start : start + length]))
-            texts.append(str(text))
-            start += length
+        for audio, text in read_shard(shard_path):
+            feats.append(whisper_features(extractor, audio))
+            texts.append(text)
             if limit and len(feats) >= limit:
                 return feats, texts
     if limit is None:
-        np.savez(cache, feats=np.concatenate(feats), lengths=np.array([len(f) for f in feats]), texts=np.array(texts))
+        save_ragged(cache, "feats", feats, texts=np.array(texts))
     return feats, texts
 
 
