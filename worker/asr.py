@@ -27,6 +27,7 @@ from worker import backends
 from worker.audio import SAMPLE_RATE
 from worker.backends import Backend, Runner
 from worker.decoding import BeamDecoder, Vocabulary, word_posterior
+from worker.features import fast_feature_extractor
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def load_model(
 
     processor = AutoProcessor.from_pretrained(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path)
-    extractor = processor.feature_extractor
+    extractor = fast_feature_extractor(processor.feature_extractor)
     mask_safe = bool(getattr(extractor, "return_attention_mask", False))
     blank_id = config.pad_token_id if config.pad_token_id is not None else processor.tokenizer.pad_token_id
     builder = _RunnerBuilder(name_or_path, device, threads, cache_dir, extractor, mask_safe, int(blank_id))
