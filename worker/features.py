@@ -5,11 +5,14 @@ Wav2Vec2-BERT checkpoints (the bundled model among them) take Kaldi-style log-me
 (``audio_utils.spectrogram``: an ``rfft`` call, a mean and a few slices per 10 ms of audio), which cost 3.5 ms of a
 2.2 s clip's ~20 ms in the worker. ``VectorizedFbankExtractor`` is the same extractor with that one step done on all
 frames at once, in the same order of operations and precisions (float64, the spectrum rounded to complex64 as
-transformers does), so its features match transformers' to float32 rounding (``tests/test_features.py``). Padding,
-per-mel-bin normalization, stride stacking and the attention mask are the parent class's, untouched.
+transformers does), so the model's inputs are bit for bit transformers' (``tests/test_features.py``, which would
+also catch a transformers release that changes the parent's recipe). Padding, per-mel-bin normalization, stride
+stacking and the attention mask are the parent class's, untouched.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -30,7 +33,7 @@ class VectorizedFbankExtractor(SeamlessM4TFeatureExtractor):
     def _extract_fbank_features(self, waveform: np.ndarray) -> np.ndarray:
         if waveform.ndim == 2:  # as the parent: the left channel of a stereo input
             waveform = waveform[0]
-        samples = np.squeeze(waveform).astype(np.float64) * _INT16_SCALE
+        samples = np.squeeze(waveform).astype(np.float64) * _INT16_SCALE  # exact either way: a power of two
         if len(samples) < _FRAME_LENGTH:  # no whole frame: let the parent say what it says about that
             return super()._extract_fbank_features(waveform)
         frames = sliding_window_view(samples, _FRAME_LENGTH)[::_HOP_LENGTH]
@@ -48,7 +51,7 @@ class VectorizedFbankExtractor(SeamlessM4TFeatureExtractor):
         return np.log(mel).astype(np.float32).T
 
 
-def fast_feature_extractor(extractor):
+def fast_feature_extractor(extractor: Any) -> Any:
     """``extractor``'s vectorized equivalent where there is one (same settings), else ``extractor`` itself."""
     if type(extractor) is SeamlessM4TFeatureExtractor:
         return VectorizedFbankExtractor(**extractor.to_dict())
