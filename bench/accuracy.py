@@ -106,9 +106,10 @@ def cer_change(references: Sequence[str], baseline: Sequence[str], candidate: Se
 
 
 def peakedness(log_probs: Sequence[np.ndarray]) -> float:
-    """Median over all frames of all clips of the largest posterior (1/vocabulary: flat; 1.0: certain)."""
-    frames = [np.exp(lp.max(axis=-1)) for lp in log_probs if len(lp)]
-    return float(np.median(np.concatenate(frames))) if frames else float("nan")
+    """Median over all frames of all clips of the largest posterior (1/vocabulary: flat; 1.0: certain): the measure
+    ``auto`` judges its calibration clip by (``backends.peakedness``), over a whole set."""
+    frames = [lp for lp in log_probs if len(lp)]
+    return backends.peakedness(np.concatenate(frames)) if frames else float("nan")
 
 
 def margin_share(log_probs: Sequence[np.ndarray], margin: float = 1.0) -> float:

@@ -210,9 +210,12 @@ def greedy_cer(head: torch.nn.Module, states, texts: Sequence[str], tokenizer, b
 
 
 def median_peak(head: torch.nn.Module, states) -> float:
+    """The head's median top posterior over every frame of ``states`` (``backends.peakedness``, as ``auto``)."""
+    from worker.backends import peakedness
+
     with torch.inference_mode():
-        peaks = [head(torch.from_numpy(s.astype(np.float32))).softmax(-1).max(-1).values.numpy() for s in states]
-    return float(np.median(np.concatenate(peaks)))
+        logits = [head(torch.from_numpy(s.astype(np.float32))).numpy() for s in states]
+    return peakedness(np.concatenate(logits))
 
 
 def build(
