@@ -137,6 +137,14 @@ def _error_name(exc: BaseException) -> str:
     return "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..1) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
 @dataclass
 class _Probe:
     latencies_s: list[float] = field(default_factory=list)
@@ -144,13 +152,14 @@ class _Probe:
     sent: int = 0
 
     def summary(self) -> dict:
-        ms = sorted(x * 1000 for x in self.latencies_s)
+        ms = [x * 1000 for x in self.latencies_s]
 
-        def rank(q: float) -> float | None:  # nearest-rank percentile
-            return round(ms[max(0, math.ceil(q * len(ms)) - 1)], 1) if ms else None
+        def rank(q: float) -> float | None:
+            value = percentile(ms, q)
+            return None if value is None else round(value, 1)
 
         return {"sent": self.sent, "ok": len(ms), "errors": dict(self.errors), "p50_ms": rank(0.5),
-                "p99_ms": rank(0.99), "max_ms": round(ms[-1], 1) if ms else None}  # fmt: skip
+                "p99_ms": rank(0.99), "max_ms": rank(1.0)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- load

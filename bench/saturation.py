@@ -43,7 +43,7 @@ import psutil
 import redis
 
 from arabic_words.processes import AUTO_WORKER_PROCESSES, command, cpu_count, stop_process
-from bench.longpoll import HOST, WebStack, web_stack
+from bench.longpoll import HOST, WebStack, percentile, web_stack
 from shared import keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,14 +108,6 @@ def arrival_times(rate: float, seconds: float, kind: str = "poisson", seed: int 
         if t >= seconds:
             return out
         out.append(t)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..1) of ``values``; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def passes(step: dict, p99_ms: float = TARGET_P99_MS) -> bool:
