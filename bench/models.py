@@ -137,7 +137,7 @@ def measure_cli_path(kind: str, backend: str, threads: int, runs: int) -> dict:
     import soundfile as sf
     import torch
 
-    from bench.__main__ import speech
+    from bench.__main__ import median_ms, speech
     from shared.config import Settings
     from worker.asr import infer, select_device
     from worker.model import load_configured_model
@@ -154,11 +154,7 @@ def measure_cli_path(kind: str, backend: str, threads: int, runs: int) -> dict:
     started = time.perf_counter()
     infer(model, clip)
     first_ms = (time.perf_counter() - started) * 1000
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        infer(model, clip)
-        times.append((time.perf_counter() - started) * 1000)
+    infer_ms = median_ms(lambda: infer(model, clip), runs, warmup=0)  # the first call above was the warm-up
     buffer = io.BytesIO()
     sf.write(buffer, clip, SAMPLE_RATE, format="WAV")
     pipeline = [
@@ -173,7 +169,7 @@ def measure_cli_path(kind: str, backend: str, threads: int, runs: int) -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_s": round(load_s, 2),
         "first_infer_ms": round(first_ms, 1),
-        "infer_2.2s_ms": round(float(np.median(times)), 1),
+        "infer_2.2s_ms": round(infer_ms, 1),
         "pipeline_inference_2.2s_ms": round(float(np.median(pipeline)), 1),
     }
     if backend == "auto":  # what auto measured, here or (usually: --prepare measured it) in an earlier process
